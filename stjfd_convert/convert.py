@@ -1,0 +1,310 @@
+"""Whole-model conversion: find every Conv3d, choose its atoms, decompose, swap in DecomposedConv3d."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from .config import ConvertConfig
+from .errors import ConfigError, ModelError
+from .functional.conv import ConvGeometry
+from .functional.decompose import (
+    BudgetLayer,
+    allocate_budget,
+    core_energy_table,
+    decompose,
+    decomposed_params,
+    energy_rank,
+    mode_spectra,
+)
+from .layers import DecomposedConv3d, default_spatial_atoms, default_temporal_atoms
+
+
+@dataclass
+class LayerReport:
+    """One Conv3d of the model: what was done to it and what it cost."""
+
+    name: str
+    kernel_size: tuple[int, int, int]
+    in_channels: int
+    out_channels: int
+    groups: int
+    stride: tuple[int, int, int]
+    params_before: int
+    params_after: int
+    temporal_atoms: int | None = None
+    spatial_atoms: int | None = None
+    rel_error: float | None = None
+    skipped: str | None = None  # reason, when the layer was left dense
+    seconds: float = 0.0
+
+    @property
+    def decomposed(self) -> bool:
+        return self.skipped is None
+
+    @property
+    def ratio(self) -> float:
+        """params_after / params_before."""
+        return self.params_after / self.params_before if self.params_before else 1.0
+
+
+@dataclass
+class ConversionReport:
+    """Per-layer rows plus model totals (parameters counted from the real modules)."""
+
+    layers: list[LayerReport]
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+    config: ConvertConfig
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return self.params_after / self.params_before if self.params_before else 1.0
+
+    @property
+    def decomposed(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.decomposed]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": [
+                {**asdict(layer), "decomposed": layer.decomposed, "ratio": layer.ratio} for layer in self.layers
+            ],
+            "totals": {
+                "params_before": self.params_before,
+                "params_after": self.params_after,
+                "ratio": self.ratio,
+                "bytes_before": self.bytes_before,
+                "bytes_after": self.bytes_after,
+                "decomposed_layers": len(self.decomposed),
+                "conv3d_layers": len(self.layers),
+            },
+            "seconds": self.seconds,
+            "config": self.config.to_dict(),
+            "notes": list(self.notes),
+        }
+
+
+@dataclass(frozen=True)
+class LayerEvent:
+    """Progress callback payload: layer ``index`` (1-based) of ``total`` finished."""
+
+    index: int
+    total: int
+    name: str
+    report: LayerReport
+
+
+ProgressCallback = Callable[[LayerEvent], None]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Σ numel of the model's distinct parameters."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Σ bytes of the model's distinct parameters at their stored dtype."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def find_conv3d(model: nn.Module) -> list[tuple[str, nn.Conv3d]]:
+    """Every distinct ``nn.Conv3d`` in ``model`` with its first qualified name, in module order."""
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Conv3d)]
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def _dense_weight_params(conv: nn.Conv3d) -> int:
+    return conv.weight.numel()
+
+
+def _layer_params(geometry: ConvGeometry) -> Callable[[int, int], int]:
+    def params(m_t: int, m_s: int) -> int:
+        return decomposed_params(
+            geometry.out_channels, geometry.in_per_group, geometry.temporal_taps, geometry.spatial_taps, m_t, m_s
+        )
+
+    return params
+
+
+def _validate_atoms(config: ConvertConfig, geometries: list[ConvGeometry]) -> None:
+    if config.policy != "atoms" or not geometries:
+        return
+    max_taps = max(g.spatial_taps for g in geometries)
+    max_length = max(g.temporal_taps for g in geometries)
+    if config.spatial_atoms is not None and config.spatial_atoms > max_taps:
+        raise ConfigError(
+            f"--atoms {config.spatial_atoms} is above every layer's spatial taps (largest kernel has {max_taps})",
+            f"use --atoms ≤ {max_taps}, or --full-rank",
+        )
+    if config.temporal_atoms is not None and config.temporal_atoms > max_length:
+        raise ConfigError(
+            f"--temporal-atoms {config.temporal_atoms} is above every layer's temporal taps (longest kernel has {max_length})",
+            f"use --temporal-atoms ≤ {max_length}",
+        )
+
+
+def _choose_ranks(
+    config: ConvertConfig, candidates: list[tuple[str, nn.Conv3d, ConvGeometry]]
+) -> dict[str, tuple[int, int] | str]:
+    """Ranks per layer name, or the reason it stays dense."""
+    choice: dict[str, tuple[int, int] | str] = {}
+    if config.policy == "budget":
+        budget_layers = [
+            BudgetLayer(core_energy_table(conv.weight), _layer_params(geom), _dense_weight_params(conv))
+            for _, conv, geom in candidates
+        ]
+        for (name, _, _), ranks in zip(candidates, allocate_budget(budget_layers, config.budget or 1.0)):
+            choice[name] = ranks if ranks is not None else f"budget {config.budget} keeps it dense"
+        return choice
+    for name, conv, geom in candidates:
+        length, taps = geom.temporal_taps, geom.spatial_taps
+        if config.policy == "full_rank":
+            ranks = (length, taps)
+        elif config.policy == "energy":
+            spectrum_t, spectrum_s = mode_spectra(conv.weight)
+            ranks = (energy_rank(spectrum_t, config.energy or 1.0), energy_rank(spectrum_s, config.energy or 1.0))
+        else:
+            m_t = default_temporal_atoms(length) if config.temporal_atoms is None else min(config.temporal_atoms, length)
+            m_s = default_spatial_atoms(taps) if config.spatial_atoms is None else min(config.spatial_atoms, taps)
+            ranks = (m_t, m_s)
+        after = _layer_params(geom)(*ranks)
+        dense = _dense_weight_params(conv)
+        if config.policy != "full_rank" and after >= dense:
+            choice[name] = f"atoms {ranks[0]}×{ranks[1]} would not save parameters ({after:,} ≥ {dense:,})"
+        else:
+            choice[name] = ranks
+    return choice
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def _all_names(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    yield from model.named_modules(remove_duplicate=False)
+
+
+def convert_model(
+    model: nn.Module, config: ConvertConfig | None = None, *, progress: ProgressCallback | None = None
+) -> tuple[nn.Module, ConversionReport]:
+    """Return a copy of ``model`` with its Conv3d layers decomposed, and a per-layer report.
+
+    The input model is left untouched. 1×1×1 convs, layers excluded by ``include``/``exclude`` and
+    layers whose atoms would not save parameters stay dense, with the reason in the report.
+    """
+    config = config or ConvertConfig()
+    start = time.perf_counter()
+    converted = copy.deepcopy(model)
+    convs = find_conv3d(converted)
+    if not convs:
+        raise ModelError(
+            f"{type(model).__name__} has no Conv3d layers; nothing to decompose",
+            "stjfd converts 3D video CNNs (e.g. torchvision r3d_18); check --arch/--model",
+        )
+    if config.include:
+        selected = [name for name, _ in convs if _matches(name, config.include)]
+        if not selected:
+            sample = ", ".join(name for name, _ in convs[:5])
+            raise ConfigError(
+                f"--include {' '.join(config.include)} matches no Conv3d layer", f"Conv3d names look like: {sample}"
+            )
+    for name, conv in convs:
+        if not torch.isfinite(conv.weight).all():
+            raise ModelError(
+                f"layer {name} has non-finite weights (NaN/Inf)",
+                "the checkpoint is corrupt or training diverged; use an earlier checkpoint",
+            )
+
+    reports: dict[str, LayerReport] = {}
+    candidates: list[tuple[str, nn.Conv3d, ConvGeometry]] = []
+    for name, conv in convs:
+        geom = ConvGeometry.from_conv(conv)
+        bias = conv.bias.numel() if conv.bias is not None else 0
+        report = LayerReport(
+            name=name,
+            kernel_size=geom.kernel_size,
+            in_channels=geom.in_channels,
+            out_channels=geom.out_channels,
+            groups=geom.groups,
+            stride=geom.stride,
+            params_before=conv.weight.numel() + bias,
+            params_after=conv.weight.numel() + bias,
+        )
+        reports[name] = report
+        if geom.kernel_size == (1, 1, 1):
+            report.skipped = "1×1×1 kernel: nothing to decompose"
+        elif config.include and not _matches(name, config.include):
+            report.skipped = "not matched by --include"
+        elif config.exclude and _matches(name, config.exclude):
+            report.skipped = "matched by --exclude"
+        else:
+            candidates.append((name, conv, geom))
+    _validate_atoms(config, [geom for _, _, geom in candidates])
+    choices = _choose_ranks(config, candidates) if candidates else {}
+
+    replacements: dict[int, nn.Module] = {}
+    total = len(convs)
+    for index, (name, conv) in enumerate(convs, start=1):
+        report = reports[name]
+        choice = choices.get(name)
+        if isinstance(choice, tuple):
+            tick = time.perf_counter()
+            decomposition = decompose(conv.weight, choice[0], choice[1], method=config.method)
+            layer = DecomposedConv3d.from_decomposition(conv, decomposition, mode=config.mode)
+            replacements[id(conv)] = layer
+            report.temporal_atoms, report.spatial_atoms = choice
+            report.rel_error = decomposition.rel_error
+            report.params_after = layer.num_weight_params() + (layer.bias.numel() if layer.bias is not None else 0)
+            report.seconds = time.perf_counter() - tick
+        elif isinstance(choice, str):
+            report.skipped = choice
+        if progress is not None:
+            progress(LayerEvent(index, total, name, report))
+
+    # Replace every occurrence (a conv registered under several names is shared, keep it shared).
+    for name, module in list(_all_names(converted)):
+        if name and id(module) in replacements:
+            _set_submodule(converted, name, replacements[id(module)])
+
+    notes = []
+    if not replacements:
+        notes.append("no layer was decomposed: every Conv3d was skipped (see reasons)")
+    result = ConversionReport(
+        layers=[reports[name] for name, _ in convs],
+        params_before=count_parameters(model),
+        params_after=count_parameters(converted),
+        bytes_before=parameter_bytes(model),
+        bytes_after=parameter_bytes(converted),
+        seconds=time.perf_counter() - start,
+        config=config,
+        notes=notes,
+    )
+    return converted, result
+
+
+def decomposed_layers(model: nn.Module) -> list[tuple[str, DecomposedConv3d]]:
+    """Every ``DecomposedConv3d`` in ``model`` with its qualified name."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, DecomposedConv3d)]
+
+
+def set_mode(model: nn.Module, mode: str) -> nn.Module:
+    """Set the execution mode of every DecomposedConv3d in ``model`` (in place); returns ``model``."""
+    for _, layer in decomposed_layers(model):
+        layer.mode = mode
+    return model

@@ -1,0 +1,311 @@
+"""``DecomposedConv3d``: a Conv3d stored as temporal atoms, spatial atoms and joint coefficients.
+
+The factorised *parameters* are kept apart from how the layer is *executed* (``mode``):
+
+- ``fused``: rebuild the dense weight and run one conv3d — same cost as the original layer;
+- ``factorized``: the paper's three convs (temporal atoms → spatial atoms → 1×1×1 coefficients);
+- ``sandwich``: temporal atoms → 1×1×1 coefficients to O·m_s channels → grouped spatial conv.
+
+All three give the same result to float rounding (see ``functional/conv.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError
+from .functional.conv import (
+    ConvGeometry,
+    atoms_first_conv3d,
+    fused_conv3d,
+    reconstruct_weight,
+    sandwich_conv3d,
+)
+from .functional.decompose import JointDecomposition, decompose, decomposed_params
+
+MODES = ("fused", "factorized", "sandwich")
+
+
+def default_temporal_atoms(length: int) -> int:
+    """Paper default: min(L, 3) temporal atoms."""
+    return min(length, 3)
+
+
+def default_spatial_atoms(taps: int) -> int:
+    """Paper default: 6 spatial atoms (all taps when a kernel has fewer)."""
+    return min(taps, 6)
+
+
+class DecomposedConv3d(nn.Module):
+    """Conv3d with weight ``W[o,i,t,s] = Σ_pq A[o,i,p,q] Ψ[t,p] Φ[s,q]``.
+
+    Parameters: ``temporal_atoms`` Ψ [L, m_t], ``spatial_atoms`` Φ [Kh·Kw, m_s], ``coefficients``
+    A [c_out, c_in/groups, m_t, m_s] and an optional ``bias`` [c_out]. Input [B, c_in, T, H, W].
+    Keeps every ``nn.Conv3d`` attribute (stride, padding incl. 'same'/'valid', dilation, groups,
+    padding_mode) so it is a drop-in replacement.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        padding: str | int | Sequence[int] = 0,
+        dilation: int | Sequence[int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        num_temporal_atoms: int | None = None,
+        num_spatial_atoms: int | None = None,
+        mode: str = "fused",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        geometry = ConvGeometry.create(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode
+        )
+        self.geometry = geometry
+        length, taps = geometry.temporal_taps, geometry.spatial_taps
+        m_t = default_temporal_atoms(length) if num_temporal_atoms is None else int(num_temporal_atoms)
+        m_s = default_spatial_atoms(taps) if num_spatial_atoms is None else int(num_spatial_atoms)
+        if not 1 <= m_t <= length:
+            raise ConfigError(f"num_temporal_atoms must be in 1..{length} for kernel {geometry.kernel_size}, got {m_t}")
+        if not 1 <= m_s <= taps:
+            raise ConfigError(f"num_spatial_atoms must be in 1..{taps} for kernel {geometry.kernel_size}, got {m_s}")
+        self.num_temporal_atoms = m_t
+        self.num_spatial_atoms = m_s
+        self.mode = mode
+        factory = {"device": device, "dtype": dtype}
+        self.temporal_atoms = nn.Parameter(torch.empty(length, m_t, **factory))
+        self.spatial_atoms = nn.Parameter(torch.empty(taps, m_s, **factory))
+        self.coefficients = nn.Parameter(torch.empty(out_channels, geometry.in_per_group, m_t, m_s, **factory))
+        self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
+        self.reconstruction_error: float | None = None
+        self.reset_parameters()
+
+    # --- nn.Conv3d-compatible attributes -------------------------------------------------------
+    @property
+    def in_channels(self) -> int:
+        return self.geometry.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.geometry.out_channels
+
+    @property
+    def kernel_size(self) -> tuple[int, int, int]:
+        return self.geometry.kernel_size
+
+    @property
+    def stride(self) -> tuple[int, int, int]:
+        return self.geometry.stride
+
+    @property
+    def padding(self) -> str | tuple[int, int, int]:
+        return self.geometry.padding
+
+    @property
+    def dilation(self) -> tuple[int, int, int]:
+        return self.geometry.dilation
+
+    @property
+    def groups(self) -> int:
+        return self.geometry.groups
+
+    @property
+    def padding_mode(self) -> str:
+        return self.geometry.padding_mode
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in MODES:
+            raise ConfigError(f"unknown execution mode {value!r}", f"use one of {', '.join(MODES)}")
+        self._mode = value
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight [c_out, c_in/groups, L, Kh, Kw] (differentiable)."""
+        return reconstruct_weight(self.coefficients, self.temporal_atoms, self.spatial_atoms, self.kernel_size)
+
+    # --- construction ---------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """Random orthonormal atoms and Kaiming-uniform coefficients (as nn.Conv3d would for W)."""
+        if self.coefficients.is_meta:
+            return  # shapes only (``from_decomposition`` fills real values)
+        with torch.no_grad():
+            for atoms in (self.temporal_atoms, self.spatial_atoms):
+                q, _ = torch.linalg.qr(torch.randn(atoms.shape[0], atoms.shape[0], dtype=torch.float64))
+                atoms.copy_(q[:, : atoms.shape[1]].to(atoms.dtype))
+            fan_in = self.geometry.in_per_group * self.geometry.temporal_taps * self.geometry.spatial_taps
+            bound = 1.0 / math.sqrt(fan_in)
+            # With orthonormal atoms ‖A‖ ≈ ‖W‖, so this matches nn.Conv3d's default weight scale.
+            nn.init.uniform_(self.coefficients, -bound, bound)
+            if self.bias is not None:
+                nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_decomposition(
+        cls, conv: nn.Conv3d, decomposition: JointDecomposition, *, mode: str = "fused"
+    ) -> "DecomposedConv3d":
+        """Wrap an existing decomposition of ``conv.weight`` (copies ``conv``'s geometry and bias)."""
+        m_t = decomposition.temporal_atoms.shape[1]
+        m_s = decomposition.spatial_atoms.shape[1]
+        geometry = ConvGeometry.from_conv(conv)
+        layer = cls(
+            **_geometry_kwargs(geometry),
+            bias=conv.bias is not None,
+            num_temporal_atoms=m_t,
+            num_spatial_atoms=m_s,
+            mode=mode,
+            device="meta",
+            dtype=conv.weight.dtype,
+        ).to_empty(device=conv.weight.device)
+        with torch.no_grad():
+            layer.temporal_atoms.copy_(decomposition.temporal_atoms)
+            layer.spatial_atoms.copy_(decomposition.spatial_atoms)
+            layer.coefficients.copy_(decomposition.coefficients)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)  # type: ignore[union-attr]
+        layer.reconstruction_error = decomposition.rel_error
+        layer.train(conv.training)
+        return layer
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv3d,
+        temporal_atoms: int | None = None,
+        spatial_atoms: int | None = None,
+        *,
+        method: str = "hooi",
+        mode: str = "fused",
+    ) -> "DecomposedConv3d":
+        """Decompose ``conv`` into m_t temporal and m_s spatial atoms (defaults min(L,3), min(S,6)).
+
+        ``reconstruction_error`` holds ‖W − Ŵ‖/‖W‖. Full rank (m_t = L, m_s = S) is exact.
+        """
+        if not isinstance(conv, nn.Conv3d):
+            raise ConfigError(f"from_conv expects an nn.Conv3d, got {type(conv).__name__}")
+        geometry = ConvGeometry.from_conv(conv)
+        m_t = default_temporal_atoms(geometry.temporal_taps) if temporal_atoms is None else temporal_atoms
+        m_s = default_spatial_atoms(geometry.spatial_taps) if spatial_atoms is None else spatial_atoms
+        decomposition = decompose(conv.weight, m_t, m_s, method=method)
+        return cls.from_decomposition(conv, decomposition, mode=mode)
+
+    @classmethod
+    def from_geometry(
+        cls, geometry: ConvGeometry, *, bias: bool, num_temporal_atoms: int, num_spatial_atoms: int, mode: str = "fused"
+    ) -> "DecomposedConv3d":
+        """An uninitialised-shape twin for loading saved parameters (see ``io.load_converted``)."""
+        return cls(
+            **_geometry_kwargs(geometry),
+            bias=bias,
+            num_temporal_atoms=num_temporal_atoms,
+            num_spatial_atoms=num_spatial_atoms,
+            mode=mode,
+        )
+
+    def to_conv3d(self) -> nn.Conv3d:
+        """A plain ``nn.Conv3d`` with the reconstructed weight (same geometry and bias)."""
+        g = self.geometry
+        conv = nn.Conv3d(
+            g.in_channels,
+            g.out_channels,
+            g.kernel_size,
+            g.stride,
+            g.padding,
+            g.dilation,
+            g.groups,
+            self.bias is not None,
+            g.padding_mode,
+            device=self.coefficients.device,
+            dtype=self.coefficients.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self.weight)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)  # type: ignore[union-attr]
+        conv.train(self.training)
+        return conv
+
+    # --- bookkeeping -------------------------------------------------------------------------------
+    def num_weight_params(self) -> int:
+        """Atoms + coefficients (bias excluded)."""
+        g = self.geometry
+        return decomposed_params(
+            g.out_channels, g.in_per_group, g.temporal_taps, g.spatial_taps, self.num_temporal_atoms, self.num_spatial_atoms
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-serialisable geometry + atoms, enough to rebuild the module (manifest entry)."""
+        return {
+            **self.geometry.to_dict(),
+            "bias": self.bias is not None,
+            "temporal_atoms": self.num_temporal_atoms,
+            "spatial_atoms": self.num_spatial_atoms,
+            "mode": self.mode,
+        }
+
+    @classmethod
+    def from_description(cls, data: dict[str, Any]) -> "DecomposedConv3d":
+        """Inverse of ``describe``: a module with the right parameter shapes."""
+        return cls.from_geometry(
+            ConvGeometry.from_dict(data),
+            bias=bool(data["bias"]),
+            num_temporal_atoms=int(data["temporal_atoms"]),
+            num_spatial_atoms=int(data["spatial_atoms"]),
+            mode=data.get("mode", "fused"),
+        )
+
+    # --- execution ---------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, c_in, T, H, W] → [B, c_out, T', H', W'] with the current ``mode``."""
+        if self._mode == "fused":
+            return fused_conv3d(x, self.weight, self.bias, self.geometry)
+        if self._mode == "factorized":
+            return atoms_first_conv3d(
+                x, self.coefficients, self.temporal_atoms, self.spatial_atoms, self.bias, self.geometry
+            )
+        return sandwich_conv3d(x, self.coefficients, self.temporal_atoms, self.spatial_atoms, self.bias, self.geometry)
+
+    def extra_repr(self) -> str:
+        g = self.geometry
+        text = (
+            f"{g.in_channels}, {g.out_channels}, kernel_size={g.kernel_size}, stride={g.stride}, "
+            f"atoms=({self.num_temporal_atoms}, {self.num_spatial_atoms}), mode={self._mode!r}"
+        )
+        if g.padding not in ((0, 0, 0), "valid"):
+            text += f", padding={g.padding!r}"
+        if g.dilation != (1, 1, 1):
+            text += f", dilation={g.dilation}"
+        if g.groups != 1:
+            text += f", groups={g.groups}"
+        if g.padding_mode != "zeros":
+            text += f", padding_mode={g.padding_mode!r}"
+        if self.bias is None:
+            text += ", bias=False"
+        return text
+
+
+def _geometry_kwargs(geometry: ConvGeometry) -> dict[str, Any]:
+    return {
+        "in_channels": geometry.in_channels,
+        "out_channels": geometry.out_channels,
+        "kernel_size": geometry.kernel_size,
+        "stride": geometry.stride,
+        "padding": geometry.padding,
+        "dilation": geometry.dilation,
+        "groups": geometry.groups,
+        "padding_mode": geometry.padding_mode,
+    }
