@@ -1,0 +1,79 @@
+"""Atomic outputs: write into a temporary sibling, then rename, so no half-written result remains."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .errors import OutputError
+
+
+def _describe_os_error(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+def check_writable_target(target: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Fail early (before any long work) if ``target`` cannot be created.
+
+    Creates the parent folder if needed and probes it with a temporary file.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        if target.is_dir() and not any(target.iterdir()):
+            pass  # an empty folder may be reused
+        else:
+            raise OutputError(f"{target} already exists", "pass --force to replace it, or choose another -o")
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{target.name}.probe-"):
+            pass
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write to {parent}: {_describe_os_error(exc)}", "choose another output location with -o"
+        ) from None
+    return target
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to ``target``; on success it replaces ``target`` in one rename.
+
+    On any exception the temporary folder is removed and ``target`` is left as it was.
+    """
+    target = check_writable_target(target, overwrite=overwrite)
+    try:
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    except OSError as exc:
+        raise OutputError(f"cannot write to {target.parent}: {_describe_os_error(exc)}", "choose another -o") from None
+    try:
+        yield staging
+        backup = None
+        if target.exists():
+            backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, backup)
+        os.replace(staging, target)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike[str], *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary file path next to ``target``; renamed onto ``target`` on success."""
+    target = check_writable_target(target, overwrite=overwrite)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.tmp-", suffix=target.suffix)
+    os.close(fd)
+    staging = Path(name)
+    try:
+        yield staging
+        os.replace(staging, target)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,176 @@
+"""``stjfd`` command line: parse options, call one library function, render its result."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import typer
+from rich.markup import escape
+
+from ..config import ConvertConfig
+from ..errors import StjfdError
+from . import render
+
+app = typer.Typer(
+    name="stjfd",
+    help="Spatiotemporal joint filter decomposition for 3D video CNNs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
+
+
+def _command_line() -> str:
+    return " ".join(shlex.quote(a) for a in ["stjfd", *sys.argv[1:]])
+
+
+def guarded(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn library errors into one red line and an exit code; never a traceback for bad input."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except StjfdError as exc:
+            render.error_line(exc.one_line())
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            render.error_line("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except Exception as exc:  # an unexpected failure: still one line unless debugging
+            if os.environ.get("STJFD_DEBUG"):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            render.error_line(
+                f"internal error: {type(exc).__name__}: {first[:300]} — set STJFD_DEBUG=1 for the traceback "
+                "and report it"
+            )
+            raise typer.Exit(EXIT_INTERNAL) from None
+
+    return wrapper
+
+
+def _render_convert(result: Any, as_json: bool) -> None:
+    if as_json:
+        render.print_json(result.to_dict())
+        return
+    out = render.stdout
+    out.print(render.conversion_table(result.report))
+    for line in render.totals_lines(result.report):
+        out.print(line)
+    out.print(render.parity_line(result.parity))
+    for note in result.report.notes + result.notes:
+        out.print(f"[dim]note:[/] {escape(note)}")
+    if result.output is not None:
+        out.print(f"[bold green]saved[/] {escape(str(result.output))}/ (model.safetensors + model.stjfd.json)")
+
+
+@app.command()
+@guarded
+def convert(
+    checkpoint: Optional[Path] = typer.Argument(
+        None, help="state_dict (.pth/.pt/.bin/.safetensors); omit with --arch/--model for fresh weights"
+    ),
+    atoms: Optional[int] = typer.Option(None, "--atoms", help="spatial atoms per layer (default 6; clipped to a layer's taps)"),
+    temporal_atoms: Optional[int] = typer.Option(
+        None, "--temporal-atoms", help="temporal atoms per layer (default min(L, 3))"
+    ),
+    energy: Optional[float] = typer.Option(None, help="keep this share of each mode's energy, e.g. 0.99"),
+    budget: Optional[float] = typer.Option(None, help="shrink the decomposed convs' parameters to this share"),
+    full_rank: bool = typer.Option(False, "--full-rank", help="exact decomposition (for verification)"),
+    include: List[str] = typer.Option([], "--include", help="glob on module names to convert (repeatable)"),
+    exclude: List[str] = typer.Option([], "--exclude", help="glob on module names to leave dense (repeatable)"),
+    method: str = typer.Option("hooi", help="hooi | hosvd | tensorly (reference)"),
+    mode: str = typer.Option("fused", help="execution mode saved with the model: fused | factorized | sandwich"),
+    arch: Optional[str] = typer.Option(None, help="torchvision video model (r3d_18, mc3_18, r2plus1d_18, s3d, …)"),
+    model: Optional[str] = typer.Option(None, "--model", help="user architecture, module:callable or file.py:callable"),
+    model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="JSON object of constructor kwargs"),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow checkpoints holding pickled objects"),
+    non_strict: bool = typer.Option(False, "--non-strict", help="load what matches, report the rest"),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="parity clip shape, e.g. 1,3,16,112,112"),
+    input_dtype: str = typer.Option("float32", "--input-dtype", help="parity clip dtype (e.g. uint8)"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="output folder (default <stem>-stjfd/)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Factorise every Conv3d of a model into temporal atoms, spatial atoms and joint coefficients."""
+    from ..models import parse_model_kwargs
+    from ..parity import parse_shape
+    from ..workflows import convert_checkpoint
+
+    config = ConvertConfig(
+        spatial_atoms=atoms,
+        temporal_atoms=temporal_atoms,
+        energy=energy,
+        budget=budget,
+        full_rank=full_rank,
+        include=tuple(include),
+        exclude=tuple(exclude),
+        method=method,
+        mode=mode,
+    )
+    kwargs = parse_model_kwargs(model_kwargs)
+    shape = parse_shape(input_shape) if input_shape else None
+    with render.layer_progress(not as_json) as progress:
+        result = convert_checkpoint(
+            checkpoint,
+            config,
+            output=output,
+            arch=arch,
+            model=model,
+            model_kwargs=kwargs,
+            trust_pickle=trust_pickle,
+            strict=not non_strict,
+            input_shape=shape,
+            input_dtype=input_dtype,
+            overwrite=force,
+            command=_command_line(),
+            progress=progress,
+        )
+    _render_convert(result, as_json)
+
+
+@app.command()
+@guarded
+def demo(
+    atoms: int = typer.Option(6, "--atoms", help="spatial atoms per layer"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="keep the converted model here"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Convert a freshly initialised torchvision r3d_18 and show the report (no download needed)."""
+    from ..workflows import demo as run_demo
+
+    with tempfile.TemporaryDirectory(prefix="stjfd-demo-") as scratch:
+        folder = Path(output) if output is not None else Path(scratch)
+        with render.layer_progress(not as_json) as progress:
+            result, reload = run_demo(folder, atoms=atoms, progress=progress)
+        if as_json:
+            render.print_json({**result.to_dict(), "reload": {"identical": reload.identical, "max_abs": reload.max_abs}})
+            return
+        _render_convert(result, False)
+        status = "[green]bit-identical[/]" if reload.identical else f"[red]differs by {reload.max_abs:.3e}[/]"
+        render.stdout.print(f"[bold]reload[/]: load_converted({escape(str(reload.directory))}) → outputs {status}")
+        if output is None:
+            render.stdout.print("[dim]the demo folder is temporary; pass -o DIR to keep it[/]")
+    if not reload.identical:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
