@@ -236,6 +236,7 @@ SPECTRUM = [4.0, 3.0, 2.0, 1.0]  # cumulative shares 0.4, 0.7, 0.9, 1.0
         (SPECTRUM, 0.95, 4),
         (SPECTRUM, 1.0, 4),
         ([5.0, 5.0, 0.0, 0.0], 1.0, 2),  # trailing zeros are never needed
+        ([0.7, 0.6, 0.3, 0.1, 0.01], 1.0, 5),  # cumulative share ends at 0.9999999999999999
         ([1.0], 1.0, 1),
         ([10.0, 1e-3, 1e-3], 0.99, 1),
         ([1.0] * 49, 0.5, 25),
@@ -318,10 +319,12 @@ def test_allocate_budget_tighter_budget_never_keeps_more():
 
 
 @pytest.mark.parametrize("order", ["low_rank_first", "noise_first"])
-def test_allocate_budget_cuts_cheaper_layer_first(order):
+@pytest.mark.parametrize("noisy", [False, True], ids=["exact_low_rank", "low_rank_plus_noise"])
+def test_allocate_budget_cuts_cheaper_layer_first(order, noisy):
     shape = (16, 16, 3, 3, 3)
     true_ranks = (1, 2)
-    low_rank = budget_layer(low_rank_kernel(shape, *true_ranks))
+    make = noisy_low_rank_kernel if noisy else low_rank_kernel
+    low_rank = budget_layer(make(shape, *true_ranks))
     noise = budget_layer(torch.randn(shape, dtype=torch.float64))
     layers = [low_rank, noise] if order == "low_rank_first" else [noise, low_rank]
     dense = sum(layer.dense_params for layer in layers)

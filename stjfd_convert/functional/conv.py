@@ -65,6 +65,8 @@ class ConvGeometry:
             )
         if isinstance(self.padding, str) and self.padding not in ("same", "valid"):
             raise ConfigError(f"padding {self.padding!r} is not supported", "use ints, 'same' or 'valid'")
+        if self.padding == "same" and self.stride != (1, 1, 1):
+            raise ConfigError("padding='same' needs stride 1 (as in nn.Conv3d)", "give explicit padding for strided convs")
 
     @classmethod
     def from_conv(cls, conv: torch.nn.Conv3d) -> "ConvGeometry":

@@ -319,7 +319,12 @@ def allocate_budget(layers: Sequence[BudgetLayer], ratio: float) -> list[tuple[i
                 if params < layer.dense_params:
                     loss = max(0.0, 1.0 - float(layer.energy_table[m_t - 1, m_s - 1]) / total)
                     points.append((params, loss, (m_t, m_s)))
-        hulls.append(_lower_hull(points))
+        hull = _lower_hull(points)
+        if hull[-1][2] is not None:
+            # A lossless truncation dominated the dense point; keep dense as the free starting step
+            # so a ratio of 1.0 still leaves every layer dense.
+            hull.append((layer.dense_params, 0.0, None))
+        hulls.append(hull)
     position = [len(h) - 1 for h in hulls]  # most expensive hull point = dense
     target = ratio * sum(layer.dense_params for layer in layers)
     current = sum(h[p][0] for h, p in zip(hulls, position))
