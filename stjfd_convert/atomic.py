@@ -21,15 +21,22 @@ def check_writable_target(target: str | os.PathLike[str], *, overwrite: bool = F
 
     Creates the parent folder if needed and probes it with a temporary file.
     """
-    target = Path(target)
+    target = Path(target).expanduser().absolute()
+    cwd = Path.cwd().resolve()
+    if target.resolve() == cwd or target.resolve() in cwd.parents:
+        raise OutputError(f"{target} is the current folder or one of its parents", "choose another -o")
     if target.exists() and not overwrite:
         if target.is_dir() and not any(target.iterdir()):
             pass  # an empty folder may be reused
         else:
             raise OutputError(f"{target} already exists", "pass --force to replace it, or choose another -o")
+    # Probe the nearest existing ancestor: a failed run must not leave new folders behind.
     parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        if not parent.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
         with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{target.name}.probe-"):
             pass
     except OSError as exc:
@@ -47,6 +54,7 @@ def atomic_directory(target: str | os.PathLike[str], *, overwrite: bool = False)
     """
     target = check_writable_target(target, overwrite=overwrite)
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     except OSError as exc:
         raise OutputError(f"cannot write to {target.parent}: {_describe_os_error(exc)}", "choose another -o") from None
@@ -68,6 +76,10 @@ def atomic_directory(target: str | os.PathLike[str], *, overwrite: bool = False)
 def atomic_file(target: str | os.PathLike[str], *, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary file path next to ``target``; renamed onto ``target`` on success."""
     target = check_writable_target(target, overwrite=overwrite)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot write to {target.parent}: {_describe_os_error(exc)}", "choose another output") from None
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.tmp-", suffix=target.suffix)
     os.close(fd)
     staging = Path(name)

@@ -282,7 +282,9 @@ def _resolve_callable(name: str) -> Callable[..., Any]:
     for part in attr.split("."):
         if not hasattr(obj, part):
             public = sorted(
-                n for n, v in vars(module).items() if not n.startswith("_") and callable(v)
+                n
+                for n, v in vars(module).items()
+                if not n.startswith("_") and callable(v) and getattr(v, "__module__", None) == module.__name__
             )[:8]
             listing = f"; callables there: {', '.join(public)}" if public else ""
             raise ArchitectureError(
@@ -820,7 +822,10 @@ def load_model(
             hint=f"known: {_known_archs()}; for other models use --model module:callable",
         )
     if model is not None:
-        _split_callable_name(model)
+        target, attr = _split_callable_name(model)
+        if _is_file_target(target):
+            # Record an absolute path so the saved model reloads from any working directory.
+            model = f"{Path(target).expanduser().absolute()}:{attr}"
     user_kwargs: dict[str, Any] = _json_copy(dict(model_kwargs or {}), "--model-kwargs")
     if not all(isinstance(k, str) for k in user_kwargs):
         raise ConfigError("--model-kwargs keys must be strings")

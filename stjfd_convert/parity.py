@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -28,7 +29,7 @@ def parse_shape(text: str | Sequence[int]) -> tuple[int, ...]:
         values = tuple(int(v) for v in text)
     else:
         try:
-            values = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+            values = tuple(int(part) for part in re.split(r"[,x×]", text.strip()))
         except ValueError:
             raise ConfigError(
                 f"--input-shape {text!r} is not a list of integers", "e.g. --input-shape 1,3,16,112,112"
@@ -110,7 +111,7 @@ def run_model(model: nn.Module, x: Tensor) -> Any:
     try:
         with torch.inference_mode():
             return model(x)
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
             f"the model failed on an input of shape {tuple(x.shape)} ({x.dtype}): {first[:200]}",

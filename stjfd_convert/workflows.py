@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .atomic import check_writable_target
+from .errors import OutputError
 from .config import ConvertConfig
 from .convert import ConversionReport, ProgressCallback, convert_model
 from .models import TORCHVISION_VIDEO_ARCHS, ArchSpec, load_model
@@ -83,6 +84,14 @@ def convert_checkpoint(
     if save:
         target = Path(output) if output is not None else default_output_dir(checkpoint, arch or model)
         check_writable_target(target, overwrite=overwrite)
+        if checkpoint is not None and overwrite:
+            resolved = Path(target).resolve()
+            source = Path(checkpoint).resolve()
+            if resolved == source or resolved in source.parents:
+                raise OutputError(
+                    f"--force would replace {target}, which holds the checkpoint {checkpoint}",
+                    "choose another -o",
+                )
     loaded = load_model(
         checkpoint, arch=arch, model=model, model_kwargs=model_kwargs, trust_pickle=trust_pickle, strict=strict
     )

@@ -2,64 +2,16 @@
 
 from __future__ import annotations
 
-import functools
-import os
-import shlex
-import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, List, Optional
 
 import typer
 from rich.markup import escape
 
 from ..config import ConvertConfig
-from ..errors import StjfdError
 from . import render
-
-app = typer.Typer(
-    name="stjfd",
-    help="Spatiotemporal joint filter decomposition for 3D video CNNs.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-EXIT_INTERNAL = 3
-EXIT_INTERRUPTED = 130
-
-
-def _command_line() -> str:
-    return " ".join(shlex.quote(a) for a in ["stjfd", *sys.argv[1:]])
-
-
-def guarded(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn library errors into one red line and an exit code; never a traceback for bad input."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except StjfdError as exc:
-            render.error_line(exc.one_line())
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            render.error_line("interrupted")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-        except Exception as exc:  # an unexpected failure: still one line unless debugging
-            if os.environ.get("STJFD_DEBUG"):
-                raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            render.error_line(
-                f"internal error: {type(exc).__name__}: {first[:300]} — set STJFD_DEBUG=1 for the traceback "
-                "and report it"
-            )
-            raise typer.Exit(EXIT_INTERNAL) from None
-
-    return wrapper
-
+from .app import app, command_line, guarded
 
 def _render_convert(result: Any, as_json: bool) -> None:
     if as_json:
@@ -122,7 +74,7 @@ def convert(
     )
     kwargs = parse_model_kwargs(model_kwargs)
     shape = parse_shape(input_shape) if input_shape else None
-    with render.layer_progress(not as_json) as progress:
+    with render.layer_progress(not as_json and render.stderr.is_terminal) as progress:
         result = convert_checkpoint(
             checkpoint,
             config,
@@ -135,7 +87,7 @@ def convert(
             input_shape=shape,
             input_dtype=input_dtype,
             overwrite=force,
-            command=_command_line(),
+            command=command_line(),
             progress=progress,
         )
     _render_convert(result, as_json)
@@ -153,7 +105,7 @@ def demo(
 
     with tempfile.TemporaryDirectory(prefix="stjfd-demo-") as scratch:
         folder = Path(output) if output is not None else Path(scratch)
-        with render.layer_progress(not as_json) as progress:
+        with render.layer_progress(not as_json and render.stderr.is_terminal) as progress:
             result, reload = run_demo(folder, atoms=atoms, progress=progress)
         if as_json:
             render.print_json({**result.to_dict(), "reload": {"identical": reload.identical, "max_abs": reload.max_abs}})
@@ -169,7 +121,23 @@ def demo(
 
 def main() -> None:
     """Console-script entry point."""
+    _register_commands()
     app()
+
+
+def _register_commands() -> None:
+    """Import the command modules; each registers its commands on ``app``."""
+    import importlib
+    import pkgutil
+
+    from .. import cli
+
+    for info in pkgutil.iter_modules(cli.__path__):
+        if info.name.startswith("cmd_"):
+            importlib.import_module(f"{cli.__name__}.{info.name}")
+
+
+_register_commands()
 
 
 if __name__ == "__main__":  # pragma: no cover

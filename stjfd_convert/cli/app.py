@@ -1,0 +1,59 @@
+"""The Typer application and the error guard shared by every command module."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shlex
+import sys
+from typing import Any, Callable
+
+import typer
+
+from ..errors import StjfdError
+from . import render
+
+app = typer.Typer(
+    name="stjfd",
+    help="Spatiotemporal joint filter decomposition for 3D video CNNs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in ["stjfd", *sys.argv[1:]])
+
+
+def guarded(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn library errors into one red line and an exit code; never a traceback for bad input."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except StjfdError as exc:
+            render.error_line(exc.one_line())
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            render.error_line("interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except Exception as exc:  # an unexpected failure: still one line unless debugging
+            if os.environ.get("STJFD_DEBUG"):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            render.error_line(
+                f"internal error: {type(exc).__name__}: {first[:300]} — set STJFD_DEBUG=1 for the traceback "
+                "and report it"
+            )
+            raise typer.Exit(EXIT_INTERNAL) from None
+
+    return wrapper
+
+
