@@ -7,7 +7,8 @@ from typing import Any
 
 from .errors import ConfigError
 
-EXECUTION_MODES = ("fused", "factorized", "sandwich")
+EXECUTION_FORMS = ("fused", "factorized", "sandwich", "spatial_first", "temporal_first")
+EXECUTION_MODES = (*EXECUTION_FORMS, "auto")
 DECOMPOSITION_METHODS = ("hooi", "hosvd", "tensorly")
 
 
@@ -45,7 +46,7 @@ class ConvertConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     method: str = "hooi"
-    mode: str = "fused"
+    mode: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:

@@ -43,6 +43,7 @@ class LayerReport:
     rel_error: float | None = None
     skipped: str | None = None  # reason, when the layer was left dense
     seconds: float = 0.0
+    form: str | None = None  # execution form chosen for the parity input (mode auto) or the fixed mode
 
     @property
     def decomposed(self) -> bool:

@@ -4,9 +4,15 @@ The factorised *parameters* are kept apart from how the layer is *executed* (``m
 
 - ``fused``: rebuild the dense weight and run one conv3d — same cost as the original layer;
 - ``factorized``: the paper's three convs (temporal atoms → spatial atoms → 1×1×1 coefficients);
-- ``sandwich``: temporal atoms → 1×1×1 coefficients to O·m_s channels → grouped spatial conv.
+- ``sandwich``: temporal atoms → 1×1×1 coefficients to O·m_s channels → grouped spatial conv;
+- ``spatial_first``: spatial atoms (depthwise) → one dense (L,1,1) conv with A·Ψ folded in;
+- ``temporal_first``: temporal atoms (depthwise) → one dense (1,Kh,Kw) conv with A·Φ folded in;
+- ``auto``: per input shape, the form chosen by the execution plan (``planner.py``: measured) or,
+  without one, by the cost model in ``functional/cost.py``.
 
-All three give the same result to float rounding (see ``functional/conv.py``).
+All forms give the same result to float rounding (see ``functional/conv.py``). Weights derived
+from the parameters (the fused W, the folded A·Ψ / A·Φ) are cached while no gradient is needed
+and rebuilt as soon as a parameter changes, so ``fused`` costs the same as the original conv.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from .config import EXECUTION_FORMS, EXECUTION_MODES
 from .errors import ConfigError
 from .functional.conv import (
     ConvGeometry,
@@ -24,10 +31,21 @@ from .functional.conv import (
     fused_conv3d,
     reconstruct_weight,
     sandwich_conv3d,
+    spatial_first_conv3d,
+    spatial_first_weight,
+    temporal_first_conv3d,
+    temporal_first_weight,
 )
+from .functional.cost import cheapest_form
 from .functional.decompose import JointDecomposition, decompose, decomposed_params
 
-MODES = ("fused", "factorized", "sandwich")
+FORMS = EXECUTION_FORMS
+MODES = EXECUTION_MODES
+
+
+def plan_key(x: Tensor) -> str:
+    """Key of an execution-plan entry: device type, dtype and full input shape."""
+    return f"{x.device.type}/{str(x.dtype).removeprefix('torch.')}/{'x'.join(str(s) for s in x.shape)}"
 
 
 def default_temporal_atoms(length: int) -> int:
@@ -88,6 +106,10 @@ class DecomposedConv3d(nn.Module):
         self.coefficients = nn.Parameter(torch.empty(out_channels, geometry.in_per_group, m_t, m_s, **factory))
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.reconstruction_error: float | None = None
+        # Execution plan for mode="auto": plan_key(x) → form (filled by planner.apply_plan / the manifest).
+        self.plan: dict[str, str] = {}
+        self._auto_choices: dict[str, str] = {}
+        self._derived_cache: dict[str, tuple[tuple, Tensor]] = {}
         self.reset_parameters()
 
     # --- nn.Conv3d-compatible attributes -------------------------------------------------------
@@ -255,29 +277,77 @@ class DecomposedConv3d(nn.Module):
             "temporal_atoms": self.num_temporal_atoms,
             "spatial_atoms": self.num_spatial_atoms,
             "mode": self.mode,
+            **({"plan": dict(self.plan)} if self.plan else {}),
         }
 
     @classmethod
     def from_description(cls, data: dict[str, Any]) -> "DecomposedConv3d":
         """Inverse of ``describe``: a module with the right parameter shapes."""
-        return cls.from_geometry(
+        layer = cls.from_geometry(
             ConvGeometry.from_dict(data),
             bias=bool(data["bias"]),
             num_temporal_atoms=int(data["temporal_atoms"]),
             num_spatial_atoms=int(data["spatial_atoms"]),
             mode=data.get("mode", "fused"),
         )
+        plan = data.get("plan") or {}
+        for key, form in plan.items():
+            if form not in FORMS:
+                raise ConfigError(f"execution plan entry {key!r} names unknown form {form!r}")
+        layer.plan = dict(plan)
+        return layer
 
     # --- execution ---------------------------------------------------------------------------------
+    def _derived(self, name: str, build) -> Tensor:
+        """A weight derived from the parameters, cached while no autograd graph is needed."""
+        params = (self.coefficients, self.temporal_atoms, self.spatial_atoms)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return build()
+        key = tuple((p._version, p.data_ptr(), p.device, p.dtype) for p in params)
+        # Inference-mode tensors may not be used where autograd records, so they get their own slot.
+        slot = f"{name}/{torch.is_inference_mode_enabled()}"
+        cached = self._derived_cache.get(slot)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            value = build()
+        self._derived_cache[slot] = (key, value)
+        return value
+
+    def form_for(self, x: Tensor) -> str:
+        """The concrete form ``forward`` uses for input ``x`` (resolves ``auto``)."""
+        if self._mode != "auto":
+            return self._mode
+        key = plan_key(x)
+        form = self.plan.get(key) or self._auto_choices.get(key)
+        if form is None:
+            batch, _, t, h, w = x.shape
+            form = cheapest_form(
+                self.geometry, self.num_temporal_atoms, self.num_spatial_atoms, batch, t, h, w, x.device.type
+            )
+            self._auto_choices[key] = form
+        return form
+
     def forward(self, x: Tensor) -> Tensor:
         """[B, c_in, T, H, W] → [B, c_out, T', H', W'] with the current ``mode``."""
-        if self._mode == "fused":
-            return fused_conv3d(x, self.weight, self.bias, self.geometry)
-        if self._mode == "factorized":
+        form = self.form_for(x) if self._mode == "auto" else self._mode
+        if form == "fused":
+            return fused_conv3d(x, self._derived("fused", lambda: self.weight), self.bias, self.geometry)
+        if form == "factorized":
             return atoms_first_conv3d(
                 x, self.coefficients, self.temporal_atoms, self.spatial_atoms, self.bias, self.geometry
             )
-        return sandwich_conv3d(x, self.coefficients, self.temporal_atoms, self.spatial_atoms, self.bias, self.geometry)
+        if form == "sandwich":
+            return sandwich_conv3d(
+                x, self.coefficients, self.temporal_atoms, self.spatial_atoms, self.bias, self.geometry
+            )
+        if form == "spatial_first":
+            mixed = self._derived("spatial_first", lambda: spatial_first_weight(self.coefficients, self.temporal_atoms))
+            return spatial_first_conv3d(x, self.spatial_atoms, mixed, self.bias, self.geometry)
+        mixed = self._derived(
+            "temporal_first", lambda: temporal_first_weight(self.coefficients, self.spatial_atoms, self.kernel_size)
+        )
+        return temporal_first_conv3d(x, self.temporal_atoms, mixed, self.bias, self.geometry)
 
     def extra_repr(self) -> str:
         g = self.geometry

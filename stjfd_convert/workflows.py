@@ -100,6 +100,8 @@ def convert_checkpoint(
     shape = tuple(input_shape) if input_shape else default_input_shape(loaded.spec)
     notes = list(loaded.notes)
     parity_result = None
+    if shape is not None:
+        _record_forms(converted, report, shape, dtype)
     if parity and shape is not None:
         parity_result = compare_models(original, converted, shape, dtype)
     elif parity:
@@ -129,6 +131,52 @@ def convert_checkpoint(
         model=converted,
         seconds=time.perf_counter() - start,
     )
+
+
+def _record_forms(model: nn.Module, report: ConversionReport, shape: Sequence[int], dtype: torch.dtype) -> None:
+    """Fill each decomposed layer's ``form``: the planner's (cost-model) choice for ``shape``."""
+    from .planner import plan_model
+
+    fixed = {layer.name: layer for layer in report.layers if layer.decomposed}
+    if report.config.mode != "auto":
+        for layer in fixed.values():
+            layer.form = report.config.mode
+        return
+    plan = plan_model(model, shape, input_dtype=dtype)
+    for name, form in plan.modes.items():
+        if name in fixed:
+            fixed[name].form = form
+
+
+def plan_converted(
+    directory: str | os.PathLike[str],
+    input_shape: Sequence[int] | None = None,
+    *,
+    device: str = "cpu",
+    repeats: int = 5,
+    input_dtype: str = "float32",
+    save: bool = True,
+    progress: Any = None,
+) -> tuple[Any, Path | None]:
+    """Measure every form of every layer of a converted folder and store the plan in its manifest."""
+    from .planner import plan_model, save_plan
+
+    loaded = load_converted(directory)
+    shape = tuple(input_shape) if input_shape else None
+    if shape is None:
+        recorded = loaded.manifest.get("input", {}).get("shape")
+        shape = tuple(recorded) if recorded else default_input_shape(loaded.spec)
+    if shape is None:
+        from .errors import ConfigError
+
+        raise ConfigError("the input shape of this model is unknown", "pass --input-shape, e.g. 1,3,16,112,112")
+    model = loaded.model.to(device)
+    plan = plan_model(
+        model, shape, device=device, input_dtype=parse_dtype(input_dtype), measure=True, repeats=repeats,
+        progress=progress,
+    )
+    path = save_plan(directory, plan) if save else None
+    return plan, path
 
 
 @dataclass

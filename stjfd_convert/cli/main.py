@@ -44,7 +44,7 @@ def convert(
     include: List[str] = typer.Option([], "--include", help="glob on module names to convert (repeatable)"),
     exclude: List[str] = typer.Option([], "--exclude", help="glob on module names to leave dense (repeatable)"),
     method: str = typer.Option("hooi", help="hooi | hosvd | tensorly (reference)"),
-    mode: str = typer.Option("fused", help="execution mode saved with the model: fused | factorized | sandwich"),
+    mode: str = typer.Option("auto", help="execution mode saved with the model: auto | fused | factorized | sandwich | spatial_first | temporal_first"),
     arch: Optional[str] = typer.Option(None, help="torchvision video model (r3d_18, mc3_18, r2plus1d_18, s3d, …)"),
     model: Optional[str] = typer.Option(None, "--model", help="user architecture, module:callable or file.py:callable"),
     model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="JSON object of constructor kwargs"),

@@ -75,13 +75,14 @@ def conversion_table(report: ConversionReport) -> Table:
     table.add_column("params before → after", justify="right")
     table.add_column("ratio", justify="right")
     table.add_column("rel. error", justify="right")
+    table.add_column("runs as")
     for layer in report.layers:
         kernel = "×".join(str(k) for k in layer.kernel_size)
         channels = f"{layer.in_channels}→{layer.out_channels}" + (f" g{layer.groups}" if layer.groups > 1 else "")
         if layer.skipped:
             table.add_row(
                 escape(layer.name), kernel, channels, f"[dim]skipped: {escape(layer.skipped)}[/]",
-                _params(layer.params_before), "", "",
+                _params(layer.params_before), "", "", "dense",
             )
         else:
             table.add_row(
@@ -92,6 +93,7 @@ def conversion_table(report: ConversionReport) -> Table:
                 f"{_params(layer.params_before)} → {_params(layer.params_after)}",
                 f"{layer.ratio:.3f}",
                 f"{layer.rel_error:.2e}" if layer.rel_error is not None else "",
+                layer.form or "",
             )
     return table
 

@@ -299,3 +299,60 @@ def sandwich_conv3d(
     weight = spatial_atoms.t().reshape(1, m_s, 1, geom.kernel_size[1], geom.kernel_size[2])
     weight = weight.expand(out_c, -1, -1, -1, -1)
     return F.conv3d(x, weight, bias, (1, *geom.stride[1:]), conv_pad, (1, *geom.dilation[1:]), out_c)
+
+
+def spatial_first_weight(coefficients: Tensor, temporal_atoms: Tensor) -> Tensor:
+    """Dense temporal weight [O, I·m_s, L, 1, 1] with w[o, i·m_s+q, t] = Σ_p A[o,i,p,q] Ψ[t,p]."""
+    out_c, in_c, m_t, m_s = coefficients.shape
+    length = temporal_atoms.shape[0]
+    mixed = coefficients.transpose(2, 3).reshape(-1, m_t) @ temporal_atoms.t()  # [O·I·m_s, L]
+    return mixed.reshape(out_c, in_c * m_s, length, 1, 1)
+
+
+def temporal_first_weight(coefficients: Tensor, spatial_atoms: Tensor, kernel_size: Sequence[int]) -> Tensor:
+    """Dense spatial weight [O, I·m_t, 1, Kh, Kw] with w[o, i·m_t+p, s] = Σ_q A[o,i,p,q] Φ[s,q]."""
+    out_c, in_c, m_t, m_s = coefficients.shape
+    mixed = coefficients.reshape(-1, m_s) @ spatial_atoms.t()  # [O·I·m_t, S]
+    return mixed.reshape(out_c, in_c * m_t, 1, kernel_size[1], kernel_size[2])
+
+
+def spatial_first_conv3d(
+    x: Tensor,
+    spatial_atoms: Tensor,
+    mixed_weight: Tensor,
+    bias: Tensor | None,
+    geom: ConvGeometry,
+) -> Tensor:
+    """Spatial-atom depthwise conv (C → C·m_s) then one dense (L,1,1) conv with A·Ψ folded in.
+
+    ``mixed_weight`` is ``spatial_first_weight(A, Ψ)``. MACs of the dense part are m_s/S of the
+    original conv, in a GEMM-friendly conv; intermediate [B, C·m_s, T, H', W'].
+    """
+    channels = x.shape[1]
+    if _needs_spatial_conv(spatial_atoms, geom):
+        weight = spatial_atom_weight(spatial_atoms, geom.kernel_size, channels)
+        x, conv_pad = _pad_axes(x, geom, (1, 2))
+        x = F.conv3d(x, weight, None, (1, *geom.stride[1:]), conv_pad, (1, *geom.dilation[1:]), channels)
+    else:
+        mixed_weight = mixed_weight * spatial_atoms[0, 0]
+    x, conv_pad = _pad_axes(x, geom, (0,))
+    return F.conv3d(x, mixed_weight, bias, (geom.stride[0], 1, 1), conv_pad, (geom.dilation[0], 1, 1), geom.groups)
+
+
+def temporal_first_conv3d(
+    x: Tensor,
+    temporal_atoms: Tensor,
+    mixed_weight: Tensor,
+    bias: Tensor | None,
+    geom: ConvGeometry,
+) -> Tensor:
+    """Temporal-atom depthwise conv (C → C·m_t) then one dense (1,Kh,Kw) conv with A·Φ folded in.
+
+    ``mixed_weight`` is ``temporal_first_weight(A, Φ)``; dense MACs are m_t/L of the original.
+    """
+    if _needs_temporal_conv(temporal_atoms, geom):
+        x = temporal_atom_conv(x, temporal_atoms, geom)
+    else:
+        mixed_weight = mixed_weight * temporal_atoms[0, 0]
+    x, conv_pad = _pad_axes(x, geom, (1, 2))
+    return F.conv3d(x, mixed_weight, bias, (1, *geom.stride[1:]), conv_pad, (1, *geom.dilation[1:]), geom.groups)

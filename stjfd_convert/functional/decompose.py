@@ -200,7 +200,7 @@ def hosvd(weight: Tensor, temporal_atoms: int, spatial_atoms: int) -> JointDecom
 
 
 def hooi(
-    weight: Tensor, temporal_atoms: int, spatial_atoms: int, *, n_iter_max: int = 100, tol: float = 1e-9
+    weight: Tensor, temporal_atoms: int, spatial_atoms: int, *, n_iter_max: int = 100, tol: float = 1e-8
 ) -> JointDecomposition:
     """HOSVD-initialised higher-order orthogonal iteration.
 

@@ -1,0 +1,63 @@
+"""``stjfd plan``: measure every execution form per layer and store the fastest in the manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from . import render
+from .app import app, guarded
+
+
+@app.command()
+@guarded
+def plan(
+    directory: Path = typer.Argument(..., help="converted-model folder (from stjfd convert)"),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="e.g. 1,3,16,112,112 (default: manifest's)"),
+    input_dtype: str = typer.Option("float32", "--input-dtype"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+    repeats: int = typer.Option(5, "--repeats", min=1, help="timed runs per form and layer (median)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="measure and show, do not write the manifest"),
+    as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
+) -> None:
+    """Time fused / factorized / sandwich / spatial_first / temporal_first per layer; keep the fastest."""
+    from ..parity import parse_shape
+    from ..workflows import plan_converted
+
+    shape = parse_shape(input_shape) if input_shape else None
+    result, path = plan_converted(
+        directory, shape, device=device, repeats=repeats, input_dtype=input_dtype, save=not dry_run
+    )
+    if as_json:
+        render.print_json({**result.to_dict(), "manifest": str(path) if path else None})
+        return
+    forms = list(result.layers[0].measured) if result.layers else []
+    table = Table(title=f"execution plan for {'×'.join(map(str, result.input_shape))} on {result.device}")
+    table.add_column("layer")
+    table.add_column("input")
+    for form in forms:
+        table.add_column(f"{form} ms", justify="right")
+    table.add_column("chosen")
+    total_fused = total_chosen = 0.0
+    for choice in result.layers:
+        measured = choice.measured or {}
+        total_fused += measured.get("fused", 0.0)
+        total_chosen += measured.get(choice.form, 0.0)
+        table.add_row(
+            escape(choice.name),
+            "×".join(map(str, choice.input_shape[1:])),
+            *[f"{measured[f] * 1000:.1f}" for f in forms],
+            choice.form,
+        )
+    render.stdout.print(table)
+    if total_fused:
+        render.stdout.print(
+            f"[bold]decomposed convs[/]: {total_fused * 1000:.1f} ms fused → {total_chosen * 1000:.1f} ms planned "
+            f"({total_chosen / total_fused:.2f}×)"
+        )
+    if path is not None:
+        render.stdout.print(f"[bold green]saved[/] plan in {escape(str(path))} (layers now run in mode auto)")

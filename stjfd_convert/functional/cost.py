@@ -1,0 +1,152 @@
+"""Operation counts of each execution form of a (decomposed) Conv3d, from its real geometry.
+
+Counts are multiply-accumulates (MACs) and activation elements written, for a batch ``B`` and an
+input of ``(T, H, W)`` frames. Every conv is counted as out_elements × (in_channels/groups · taps),
+the same rule used for the dense conv, so forms are comparable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .conv import ConvGeometry
+
+
+@dataclass(frozen=True)
+class FormCost:
+    """Work of one execution form.
+
+    ``dense_macs``: MACs in convs with many input channels per group (GEMM-like, fast per MAC);
+    ``depthwise_macs``: MACs in per-channel atom convs (memory-bound, slow per MAC);
+    ``intermediate_elements``: elements of intermediate activations written (and read back).
+    """
+
+    dense_macs: int
+    depthwise_macs: int
+    intermediate_elements: int
+    output_elements: int
+
+    @property
+    def macs(self) -> int:
+        return self.dense_macs + self.depthwise_macs
+
+
+def _axis_out(n: int, k: int, s: int, d: int, pads: tuple[int, int]) -> int:
+    return (n + pads[0] + pads[1] - d * (k - 1) - 1) // s + 1
+
+
+def form_cost(
+    form: str, geometry: ConvGeometry, m_t: int, m_s: int, batch: int, t: int, h: int, w: int
+) -> FormCost:
+    """Cost of ``form`` in {dense, fused, factorized, sandwich} for input [batch, C_in, t, h, w].
+
+    ``dense`` is the original Conv3d; ``fused`` runs the same conv on a rebuilt (cached) weight.
+    """
+    g = geometry
+    length, kh, kw = g.kernel_size
+    taps = kh * kw
+    (pt, ph, pw) = g.pads
+    t_out = _axis_out(t, length, g.stride[0], g.dilation[0], pt)
+    h_out = _axis_out(h, kh, g.stride[1], g.dilation[1], ph)
+    w_out = _axis_out(w, kw, g.stride[2], g.dilation[2], pw)
+    c_in, c_out, i_per_group = g.in_channels, g.out_channels, g.in_per_group
+    out_elements = batch * c_out * t_out * h_out * w_out
+    if form in ("dense", "fused"):
+        return FormCost(out_elements * i_per_group * length * taps, 0, 0, out_elements)
+    # 1×1 atoms on an axis with no stride/padding are folded into the coefficients (functional/conv.py).
+    skip_temporal = length == 1 and m_t == 1 and g.stride[0] == 1 and pt == (0, 0)
+    skip_spatial = taps == 1 and m_s == 1 and g.stride[1:] == (1, 1) and (ph, pw) == ((0, 0), (0, 0))
+    temporal_out = 0 if skip_temporal else batch * c_in * m_t * t_out * h * w
+    temporal_macs = temporal_out * length
+    if form == "factorized":
+        spatial_out = 0 if skip_spatial else batch * c_in * m_t * m_s * t_out * h_out * w_out
+        return FormCost(
+            dense_macs=out_elements * i_per_group * m_t * m_s,
+            depthwise_macs=temporal_macs + spatial_out * taps,
+            intermediate_elements=temporal_out + spatial_out,
+            output_elements=out_elements,
+        )
+    if form == "sandwich":
+        coefficient_out = 0 if skip_spatial else batch * c_out * m_s * t_out * h * w
+        return FormCost(
+            dense_macs=(coefficient_out or out_elements) * i_per_group * m_t,
+            depthwise_macs=temporal_macs + (0 if skip_spatial else out_elements * m_s * taps),
+            intermediate_elements=temporal_out + coefficient_out,
+            output_elements=out_elements,
+        )
+    if form == "spatial_first":
+        spatial_out = 0 if skip_spatial else batch * c_in * m_s * t * h_out * w_out
+        return FormCost(
+            dense_macs=out_elements * i_per_group * m_s * length,
+            depthwise_macs=spatial_out * taps,
+            intermediate_elements=spatial_out,
+            output_elements=out_elements,
+        )
+    if form == "temporal_first":
+        return FormCost(
+            dense_macs=out_elements * i_per_group * m_t * taps,
+            depthwise_macs=temporal_macs,
+            intermediate_elements=temporal_out,
+            output_elements=out_elements,
+        )
+    raise ValueError(f"unknown execution form {form!r}")
+
+
+FORMS = ("fused", "factorized", "sandwich", "spatial_first", "temporal_first")
+
+
+@dataclass(frozen=True)
+class DeviceCosts:
+    """Throughputs of one device class; ``predict_seconds`` = Σ work / rate + per-conv overhead."""
+
+    dense_macs_per_s: float
+    depthwise_macs_per_s: float
+    bytes_per_s: float
+    seconds_per_conv: float
+    margin: float  # a factorised form must beat fused by this factor to be chosen without measurement
+
+
+# Calibrated with benchmarks/bench_inference.py --calibrate (see BENCHMARKS.md). The margin keeps the
+# cost model conservative: when it is unsure, fused (= the original conv's cost) wins.
+DEVICE_COSTS = {
+    "cpu": DeviceCosts(2.1e11, 7.5e9, 1.0e10, 2.0e-4, 0.7),
+    "cuda": DeviceCosts(2.0e13, 5.0e11, 1.5e12, 2.0e-5, 0.7),
+}
+
+
+def conv_count(form: str) -> int:
+    return {"fused": 1, "dense": 1, "factorized": 3, "sandwich": 3}.get(form, 2)
+
+
+def predict_seconds(
+    form: str, geometry: ConvGeometry, m_t: int, m_s: int, batch: int, t: int, h: int, w: int, device: str = "cpu"
+) -> float:
+    """Predicted run time of ``form`` from its MACs and bytes moved (float32 activations)."""
+    costs = DEVICE_COSTS.get(device, DEVICE_COSTS["cpu"])
+    cost = form_cost(form, geometry, m_t, m_s, batch, t, h, w)
+    bytes_moved = 4 * 2 * cost.intermediate_elements
+    return (
+        cost.dense_macs / costs.dense_macs_per_s
+        + cost.depthwise_macs / costs.depthwise_macs_per_s
+        + bytes_moved / costs.bytes_per_s
+        + conv_count(form) * costs.seconds_per_conv
+    )
+
+
+def cheapest_form(
+    geometry: ConvGeometry, m_t: int, m_s: int, batch: int, t: int, h: int, w: int, device: str = "cpu"
+) -> str:
+    """The form the cost model predicts fastest; fused unless another wins by the device's margin."""
+    fused = predict_seconds("fused", geometry, m_t, m_s, batch, t, h, w, device)
+    best, best_time = "fused", fused
+    for form in FORMS[1:]:
+        seconds = predict_seconds(form, geometry, m_t, m_s, batch, t, h, w, device)
+        if seconds < best_time:
+            best, best_time = form, seconds
+    margin = DEVICE_COSTS.get(device, DEVICE_COSTS["cpu"]).margin
+    return best if best_time <= margin * fused else "fused"
+
+
+def dense_conv_macs(geometry: ConvGeometry, batch: int, t: int, h: int, w: int) -> int:
+    """MACs of the original Conv3d for input [batch, C_in, t, h, w]."""
+    return form_cost("dense", geometry, 1, 1, batch, t, h, w).macs

@@ -1,0 +1,265 @@
+"""Execution planning: which form each DecomposedConv3d runs for a given input, device and dtype.
+
+``plan_model`` traces the input shape every decomposed layer sees, then either asks the cost model
+(``functional/cost.py``: MACs and bytes per form) or measures every form on that exact input and
+keeps the fastest. ``apply_plan`` stores the choices in the layers (``mode="auto"`` looks them up);
+``save_plan`` writes them into a converted folder's manifest so ``load_converted`` restores them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .atomic import atomic_file
+from .errors import ConfigError
+from .functional.conv import ConvGeometry
+from .functional.cost import FORMS, DeviceCosts, cheapest_form, conv_count, form_cost, predict_seconds
+from .layers import DecomposedConv3d
+from .parity import make_input, run_model
+from .saved_model import MANIFEST_FILE, read_manifest
+
+#: A non-fused form must be at least this much faster in measurement to replace fused (noise guard).
+MEASURE_MARGIN = 0.97
+
+
+@dataclass
+class LayerChoice:
+    """The form chosen for one layer, with the predicted (and measured) seconds of every form."""
+
+    name: str
+    input_shape: tuple[int, ...]
+    form: str
+    predicted: dict[str, float]
+    measured: dict[str, float] | None = None
+    macs: dict[str, int] = field(default_factory=dict)
+    geometry: dict[str, Any] = field(default_factory=dict)
+    atoms: tuple[int, int] = (0, 0)
+
+
+@dataclass
+class ExecutionPlan:
+    input_shape: tuple[int, ...]
+    device: str
+    dtype: str
+    measured: bool
+    layers: list[LayerChoice]
+
+    @property
+    def modes(self) -> dict[str, str]:
+        return {layer.name: layer.form for layer in self.layers}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def layer_plan_key(shape: Sequence[int], device: str, dtype: torch.dtype | str) -> str:
+    """Same key as ``layers.plan_key`` for an input of ``shape`` on ``device``/``dtype``."""
+    name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    return f"{torch.device(device).type}/{name}/{'x'.join(str(s) for s in shape)}"
+
+
+def trace_layer_inputs(
+    model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32
+) -> dict[str, tuple[int, ...]]:
+    """Input shape [B, C, T, H, W] seen by every DecomposedConv3d for a model input of ``input_shape``.
+
+    Runs the model on the meta device (no compute) and falls back to a real CPU forward for models
+    that meta tensors cannot run.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def recorder(name: str) -> Callable[[nn.Module, tuple], None]:
+        def hook(module: nn.Module, args: tuple) -> None:  # must return None: a value would replace args
+            shapes.setdefault(name, tuple(args[0].shape))
+
+        return hook
+
+    def run(target: nn.Module, x: Tensor) -> None:
+        handles = [
+            module.register_forward_pre_hook(recorder(name))
+            for name, module in target.named_modules()
+            if isinstance(module, DecomposedConv3d)
+        ]
+        try:
+            run_model(target, x)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    try:
+        meta_model = copy.deepcopy(model).to("meta")
+        run(meta_model, torch.empty(tuple(input_shape), dtype=dtype, device="meta"))
+    except Exception:  # noqa: BLE001 - any meta failure means: trace for real
+        shapes.clear()
+        run(model, make_input(input_shape, dtype))
+    return shapes
+
+
+def _time_form(layer: DecomposedConv3d, form: str, x: Tensor, repeats: int) -> float:
+    previous = layer.mode
+    layer.mode = form
+    try:
+        with torch.no_grad():
+            layer(x)  # warm-up (also fills the derived-weight cache, as in steady-state inference)
+            if x.device.type == "cuda":
+                torch.cuda.synchronize()
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                layer(x)
+                if x.device.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+    finally:
+        layer.mode = previous
+    return statistics.median(times)
+
+
+def plan_model(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    input_dtype: torch.dtype | None = None,
+    measure: bool = False,
+    repeats: int = 5,
+    forms: Sequence[str] = FORMS,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> ExecutionPlan:
+    """Choose a form per DecomposedConv3d for a model input of ``input_shape``.
+
+    ``measure=False``: the cost model decides. ``measure=True``: each form is timed (median of
+    ``repeats`` after a warm-up) on a random input of the layer's traced shape; a non-fused form
+    must beat fused by ``MEASURE_MARGIN`` to be chosen.
+    """
+    unknown = [f for f in forms if f not in FORMS]
+    if unknown:
+        raise ConfigError(f"unknown execution forms {unknown}", f"use {', '.join(FORMS)}")
+    if "fused" not in forms:
+        forms = ("fused", *forms)
+    device_type = torch.device(device).type
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA device is available", "use --device cpu")
+    shapes = trace_layer_inputs(model, input_shape, input_dtype or dtype)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, DecomposedConv3d)}
+    choices = []
+    for index, (name, shape) in enumerate(shapes.items(), start=1):
+        layer = layers[name]
+        batch, _, t, h, w = shape
+        args = (layer.geometry, layer.num_temporal_atoms, layer.num_spatial_atoms, batch, t, h, w)
+        predicted = {form: predict_seconds(form, *args, device_type) for form in forms}
+        macs = {form: form_cost(form, *args).macs for form in forms}
+        measured = None
+        if measure:
+            probe = copy.deepcopy(layer).to(device=device, dtype=dtype).eval()
+            x = torch.randn(shape, device=device, dtype=dtype)
+            measured = {form: _time_form(probe, form, x, repeats) for form in forms}
+            best = min(measured, key=measured.__getitem__)
+            form = best if measured[best] <= MEASURE_MARGIN * measured["fused"] else "fused"
+        else:
+            form = cheapest_form(*args, device_type)
+            if form not in forms:
+                form = "fused"
+        choices.append(
+            LayerChoice(
+                name,
+                tuple(shape),
+                form,
+                predicted,
+                measured,
+                macs,
+                layer.geometry.to_dict(),
+                (layer.num_temporal_atoms, layer.num_spatial_atoms),
+            )
+        )
+        if progress is not None:
+            progress(index, len(shapes), name)
+    return ExecutionPlan(
+        tuple(input_shape), device_type, str(dtype).removeprefix("torch."), measure, choices
+    )
+
+
+def apply_plan(model: nn.Module, plan: ExecutionPlan, *, mode: str = "auto") -> nn.Module:
+    """Store ``plan`` in the layers (in place). ``mode="auto"`` makes them follow it for matching
+    inputs; ``mode="fixed"`` sets each layer's mode to its chosen form (for export/tracing)."""
+    for choice in plan.layers:
+        layer = model.get_submodule(choice.name)
+        if not isinstance(layer, DecomposedConv3d):
+            raise ConfigError(f"plan layer {choice.name!r} is not a DecomposedConv3d in this model")
+        layer.plan[layer_plan_key(choice.input_shape, plan.device, plan.dtype)] = choice.form
+        layer.mode = "auto" if mode == "auto" else choice.form
+    return model
+
+
+def save_plan(directory: str | Path, plan: ExecutionPlan) -> Path:
+    """Merge ``plan`` into a converted folder's manifest (atomically); layers switch to ``auto``."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    for choice in plan.layers:
+        entry = manifest["layers"].get(choice.name)
+        if entry is None:
+            raise ConfigError(f"plan layer {choice.name!r} is not in {directory}'s manifest")
+        entry.setdefault("plan", {})[layer_plan_key(choice.input_shape, plan.device, plan.dtype)] = choice.form
+        entry["mode"] = "auto"
+    plans = [p for p in manifest.get("plans", []) if p.get("input_shape") != list(plan.input_shape)
+             or p.get("device") != plan.device or p.get("dtype") != plan.dtype]
+    summary = {
+        "input_shape": list(plan.input_shape),
+        "device": plan.device,
+        "dtype": plan.dtype,
+        "measured": plan.measured,
+        "forms": plan.modes,
+    }
+    manifest["plans"] = [*plans, summary]
+    path = directory / MANIFEST_FILE
+    with atomic_file(path) as staging:
+        staging.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def fit_device_costs(plan: ExecutionPlan, margin: float = 0.7) -> DeviceCosts:
+    """Least-squares fit of the cost model's throughputs to a measured plan's per-layer timings.
+
+    time ≈ dense_macs/R_dense + depthwise_macs/R_dw + bytes/BW + convs·overhead, non-negative
+    coefficients (non-negative least squares by active-set elimination).
+    """
+    import numpy as np
+
+    rows, times = [], []
+    for choice in plan.layers:
+        if not choice.measured:
+            continue
+        batch, _, t, h, w = choice.input_shape
+        for form, seconds in choice.measured.items():
+            geometry = ConvGeometry.from_dict(choice.geometry)
+            cost = form_cost(form, geometry, *choice.atoms, batch, t, h, w)
+            rows.append([cost.dense_macs, cost.depthwise_macs, 8 * cost.intermediate_elements, conv_count(form)])
+            times.append(seconds)
+    if not rows:
+        raise ConfigError("fitting the cost model needs a measured plan", "run plan_model(..., measure=True)")
+    a = np.asarray(rows, dtype=np.float64)
+    b = np.asarray(times, dtype=np.float64)
+    # Relative error matters (small layers count as much as big ones): weight rows by 1/time.
+    weights = 1.0 / np.maximum(b, 1e-6)
+    active = list(range(a.shape[1]))
+    coef = np.zeros(a.shape[1])
+    while active:
+        sol, *_ = np.linalg.lstsq(a[:, active] * weights[:, None], b * weights, rcond=None)
+        if (sol >= 0).all():
+            coef[:] = 0.0
+            coef[active] = sol
+            break
+        active.pop(int(np.argmin(sol)))
+    inverse = [1.0 / c if c > 0 else float("inf") for c in coef[:3]]
+    return DeviceCosts(float(inverse[0]), float(inverse[1]), float(inverse[2]), float(coef[3]), margin)
+
