@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .atomic import atomic_file
 from .errors import ConfigError
 from .functional.conv import ConvGeometry
-from .functional.cost import FORMS, DeviceCosts, cheapest_form, conv_count, form_cost, predict_seconds
+from .functional.cost import FORMS, DeviceCosts, cheapest_form, cost_features, form_cost, predict_seconds
 from .layers import DecomposedConv3d
 from .parity import make_input, run_model
 from .saved_model import MANIFEST_FILE, read_manifest
@@ -240,10 +240,9 @@ def fit_device_costs(plan: ExecutionPlan, margin: float = 0.7) -> DeviceCosts:
         if not choice.measured:
             continue
         batch, _, t, h, w = choice.input_shape
+        geometry = ConvGeometry.from_dict(choice.geometry)
         for form, seconds in choice.measured.items():
-            geometry = ConvGeometry.from_dict(choice.geometry)
-            cost = form_cost(form, geometry, *choice.atoms, batch, t, h, w)
-            rows.append([cost.dense_macs, cost.depthwise_macs, 8 * cost.intermediate_elements, conv_count(form)])
+            rows.append(cost_features(form, form_cost(form, geometry, *choice.atoms, batch, t, h, w)))
             times.append(seconds)
     if not rows:
         raise ConfigError("fitting the cost model needs a measured plan", "run plan_model(..., measure=True)")
@@ -260,6 +259,13 @@ def fit_device_costs(plan: ExecutionPlan, margin: float = 0.7) -> DeviceCosts:
             coef[active] = sol
             break
         active.pop(int(np.argmin(sol)))
-    inverse = [1.0 / c if c > 0 else float("inf") for c in coef[:3]]
-    return DeviceCosts(float(inverse[0]), float(inverse[1]), float(inverse[2]), float(coef[3]), margin)
+    rate = [1.0 / c if c > 0 else float("inf") for c in coef]
+    return DeviceCosts(
+        dense_macs_per_s=float(rate[0]),
+        depthwise_macs_per_s=float(rate[1]),
+        bytes_per_s=float(rate[2]),
+        seconds_per_conv=float(coef[3]),
+        weight_bytes_per_s=float(rate[4]),
+        margin=margin,
+    )
 

@@ -205,7 +205,8 @@ def reconstruct_weight(coefficients: Tensor, temporal_atoms: Tensor, spatial_ato
     # [L, m_t] @ [m_t, N·S] as one GEMM, then bring L back behind N.
     left = temporal_atoms @ right.transpose(0, 1).reshape(m_t, -1)  # [L, N·S]
     weight = left.reshape(length, out_c * in_c, spatial).transpose(0, 1)
-    return weight.reshape(out_c, in_c, length, kernel_size[1], kernel_size[2])
+    # Contiguous: convolution backends would otherwise copy the weight on every call.
+    return weight.reshape(out_c, in_c, length, kernel_size[1], kernel_size[2]).contiguous()
 
 
 def fused_conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, geom: ConvGeometry) -> Tensor:

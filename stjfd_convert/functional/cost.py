@@ -25,6 +25,7 @@ class FormCost:
     depthwise_macs: int
     intermediate_elements: int
     output_elements: int
+    weight_elements: int = 0  # weights the dense conv reads (CPU backends also re-layout them per call)
 
     @property
     def macs(self) -> int:
@@ -52,7 +53,7 @@ def form_cost(
     c_in, c_out, i_per_group = g.in_channels, g.out_channels, g.in_per_group
     out_elements = batch * c_out * t_out * h_out * w_out
     if form in ("dense", "fused"):
-        return FormCost(out_elements * i_per_group * length * taps, 0, 0, out_elements)
+        return FormCost(out_elements * i_per_group * length * taps, 0, 0, out_elements, c_out * i_per_group * length * taps)
     # 1×1 atoms on an axis with no stride/padding are folded into the coefficients (functional/conv.py).
     skip_temporal = length == 1 and m_t == 1 and g.stride[0] == 1 and pt == (0, 0)
     skip_spatial = taps == 1 and m_s == 1 and g.stride[1:] == (1, 1) and (ph, pw) == ((0, 0), (0, 0))
@@ -65,6 +66,7 @@ def form_cost(
             depthwise_macs=temporal_macs + spatial_out * taps,
             intermediate_elements=temporal_out + spatial_out,
             output_elements=out_elements,
+            weight_elements=c_out * i_per_group * m_t * m_s,
         )
     if form == "sandwich":
         coefficient_out = 0 if skip_spatial else batch * c_out * m_s * t_out * h * w
@@ -73,6 +75,7 @@ def form_cost(
             depthwise_macs=temporal_macs + (0 if skip_spatial else out_elements * m_s * taps),
             intermediate_elements=temporal_out + coefficient_out,
             output_elements=out_elements,
+            weight_elements=c_out * i_per_group * m_t * m_s,
         )
     if form == "spatial_first":
         spatial_out = 0 if skip_spatial else batch * c_in * m_s * t * h_out * w_out
@@ -81,6 +84,7 @@ def form_cost(
             depthwise_macs=spatial_out * taps,
             intermediate_elements=spatial_out,
             output_elements=out_elements,
+            weight_elements=c_out * i_per_group * m_s * length,
         )
     if form == "temporal_first":
         return FormCost(
@@ -88,6 +92,7 @@ def form_cost(
             depthwise_macs=temporal_macs,
             intermediate_elements=temporal_out,
             output_elements=out_elements,
+            weight_elements=c_out * i_per_group * m_t * taps,
         )
     raise ValueError(f"unknown execution form {form!r}")
 
@@ -103,14 +108,15 @@ class DeviceCosts:
     depthwise_macs_per_s: float
     bytes_per_s: float
     seconds_per_conv: float
+    weight_bytes_per_s: float
     margin: float  # a factorised form must beat fused by this factor to be chosen without measurement
 
 
 # Calibrated with benchmarks/bench_inference.py --calibrate (see BENCHMARKS.md). The margin keeps the
 # cost model conservative: when it is unsure, fused (= the original conv's cost) wins.
 DEVICE_COSTS = {
-    "cpu": DeviceCosts(2.1e11, 7.5e9, 1.0e10, 2.0e-4, 0.7),
-    "cuda": DeviceCosts(2.0e13, 5.0e11, 1.5e12, 2.0e-5, 0.7),
+    "cpu": DeviceCosts(2.4e11, 7.9e9, 8.5e9, 0.0, 8.5e9, 0.7),
+    "cuda": DeviceCosts(2.0e13, 5.0e11, 1.5e12, 2.0e-5, 1.0e12, 0.7),
 }
 
 
@@ -124,13 +130,28 @@ def predict_seconds(
     """Predicted run time of ``form`` from its MACs and bytes moved (float32 activations)."""
     costs = DEVICE_COSTS.get(device, DEVICE_COSTS["cpu"])
     cost = form_cost(form, geometry, m_t, m_s, batch, t, h, w)
-    bytes_moved = 4 * 2 * cost.intermediate_elements
-    return (
-        cost.dense_macs / costs.dense_macs_per_s
-        + cost.depthwise_macs / costs.depthwise_macs_per_s
-        + bytes_moved / costs.bytes_per_s
-        + conv_count(form) * costs.seconds_per_conv
-    )
+    return sum(feature / rate for feature, rate in zip(cost_features(form, cost), _rates(costs)))
+
+
+def cost_features(form: str, cost: FormCost) -> list[float]:
+    """The cost model's regressors: dense MACs, depthwise MACs, activation bytes moved, convs, weight bytes."""
+    return [
+        float(cost.dense_macs),
+        float(cost.depthwise_macs),
+        8.0 * cost.intermediate_elements,
+        float(conv_count(form)),
+        4.0 * cost.weight_elements,
+    ]
+
+
+def _rates(costs: DeviceCosts) -> list[float]:
+    return [
+        costs.dense_macs_per_s,
+        costs.depthwise_macs_per_s,
+        costs.bytes_per_s,
+        1.0 / costs.seconds_per_conv if costs.seconds_per_conv > 0 else float("inf"),
+        costs.weight_bytes_per_s,
+    ]
 
 
 def cheapest_form(
