@@ -55,11 +55,13 @@ def _layer(c_in: int, c_out: int, kernel, m_t: int, m_s: int, **kw) -> Decompose
 
 def test_measured_plan_picks_obviously_cheaper_forms() -> None:
     model = nn.Sequential(
-        _layer(3, 32, (3, 7, 7), 3, 49, padding=(1, 3, 3)),  # full rank: fused is cheapest
-        _layer(32, 256, (3, 7, 7), 1, 1, padding=(1, 3, 3), stride=(1, 4, 4)),
+        # Full rank: every other form does the same dense MACs plus an atom pass over a 3-9x larger
+        # intermediate, so fused is cheapest.
+        _layer(64, 64, (3, 3, 3), 3, 9, padding=1),
+        _layer(64, 256, (3, 7, 7), 1, 1, padding=(1, 3, 3), stride=(1, 4, 4)),
         _layer(256, 256, (3, 7, 7), 1, 1, padding=(1, 3, 3)),  # 1x1 atoms: ~49x fewer MACs factorised
     )
-    plan = plan_model(model, (1, 3, 4, 32, 32), measure=True, repeats=3)
+    plan = plan_model(model, (1, 64, 8, 24, 24), measure=True, repeats=5)
     forms = plan.modes
     assert forms["0"] == "fused"
     assert forms["2"] != "fused"
