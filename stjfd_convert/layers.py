@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import EXECUTION_FORMS, EXECUTION_MODES
 from .errors import ConfigError
@@ -302,7 +303,9 @@ class DecomposedConv3d(nn.Module):
         """A weight derived from the parameters, cached while no autograd graph is needed."""
         params = (self.coefficients, self.temporal_atoms, self.spatial_atoms)
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            return build()
+            # Recompute in backward instead of keeping the dense intermediates (A·Φᵀ, …): training
+            # then saves only the derived weight the conv itself needs, as a dense layer would.
+            return checkpoint(build, use_reentrant=False)
         key = tuple((p._version, p.data_ptr(), p.device, p.dtype) for p in params)
         # Inference-mode tensors may not be used where autograd records, so they get their own slot.
         slot = f"{name}/{torch.is_inference_mode_enabled()}"

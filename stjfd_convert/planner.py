@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -104,24 +103,31 @@ def trace_layer_inputs(
     return shapes
 
 
-def _time_form(layer: DecomposedConv3d, form: str, x: Tensor, repeats: int) -> float:
+def _time_forms(layer: DecomposedConv3d, forms: Sequence[str], x: Tensor, repeats: int) -> dict[str, float]:
+    """Fastest of ``repeats`` runs of every form, interleaved round-robin after a warm-up.
+
+    The minimum (not the median) is what a shared, noisy machine can measure reliably: interference
+    only ever adds time. Interleaving exposes every form to the same conditions.
+    """
     previous = layer.mode
-    layer.mode = form
+    best = {form: float("inf") for form in forms}
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     try:
         with torch.no_grad():
-            layer(x)  # warm-up (also fills the derived-weight cache, as in steady-state inference)
-            if x.device.type == "cuda":
-                torch.cuda.synchronize()
-            times = []
+            for form in forms:
+                layer.mode = form
+                layer(x)  # warm-up; also fills the derived-weight cache, as in steady-state inference
             for _ in range(repeats):
-                start = time.perf_counter()
-                layer(x)
-                if x.device.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
+                for form in forms:
+                    layer.mode = form
+                    sync()
+                    start = time.perf_counter()
+                    layer(x)
+                    sync()
+                    best[form] = min(best[form], time.perf_counter() - start)
     finally:
         layer.mode = previous
-    return statistics.median(times)
+    return best
 
 
 def plan_model(
@@ -138,9 +144,9 @@ def plan_model(
 ) -> ExecutionPlan:
     """Choose a form per DecomposedConv3d for a model input of ``input_shape``.
 
-    ``measure=False``: the cost model decides. ``measure=True``: each form is timed (median of
-    ``repeats`` after a warm-up) on a random input of the layer's traced shape; a non-fused form
-    must beat fused by ``MEASURE_MARGIN`` to be chosen.
+    ``measure=False``: the cost model decides. ``measure=True``: each form is timed (fastest of
+    ``repeats`` interleaved runs after a warm-up) on a random input of the layer's traced shape; a
+    non-fused form must beat fused by ``MEASURE_MARGIN`` to be chosen.
     """
     unknown = [f for f in forms if f not in FORMS]
     if unknown:
@@ -163,7 +169,7 @@ def plan_model(
         if measure:
             probe = copy.deepcopy(layer).to(device=device, dtype=dtype).eval()
             x = torch.randn(shape, device=device, dtype=dtype)
-            measured = {form: _time_form(probe, form, x, repeats) for form in forms}
+            measured = _time_forms(probe, forms, x, repeats)
             best = min(measured, key=measured.__getitem__)
             form = best if measured[best] <= MEASURE_MARGIN * measured["fused"] else "fused"
         else:

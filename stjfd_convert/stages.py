@@ -1,0 +1,185 @@
+"""Training-stage mechanics of the paper's alternating schedule (DESIGN.md §3), shared by ``report``
+and ``finetune``.
+
+- ``joint``: every parameter trains on full-size clips.
+- ``temporal``: frames spatially downsampled by ``s``; the spatial atoms Φ are frozen, so only the
+  temporal atoms Ψ, the coefficients A and every non-decomposed parameter (BN, classifier, 1×1×1
+  convs) train.
+- ``spatial``: clips temporally downsampled by ``r``; the temporal atoms Ψ are frozen.
+
+Activation checkpointing (recompute each residual block in backward) is orthogonal and combines
+with every stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .errors import ConfigError
+from .layers import DecomposedConv3d
+
+STAGES = ("joint", "temporal", "spatial")
+
+# The atoms a stage leaves frozen.
+_FROZEN_ATOMS = {"joint": None, "temporal": "spatial_atoms", "spatial": "temporal_atoms"}
+
+
+def check_stage(stage: str) -> str:
+    if stage not in STAGES:
+        raise ConfigError(f"unknown training stage {stage!r}", f"use one of {', '.join(STAGES)}")
+    return stage
+
+
+def set_trainable(model: nn.Module, stage: str) -> list[nn.Parameter]:
+    """Set ``requires_grad`` for ``stage`` (in place) and return the parameters that train.
+
+    Every parameter is first made trainable, then the stage's frozen atoms of every
+    ``DecomposedConv3d`` are switched off. Pass only the returned list to the optimizer: frozen
+    atoms then get neither gradients nor optimizer state. A model without ``DecomposedConv3d``
+    trains everything in every stage.
+    """
+    frozen_name = _FROZEN_ATOMS[check_stage(stage)]
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    if frozen_name is not None:
+        for module in model.modules():
+            if isinstance(module, DecomposedConv3d):
+                getattr(module, frozen_name).requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def stage_clip_shape(
+    shape: Sequence[int], stage: str, spatial_downsample: int = 2, temporal_downsample: int = 2
+) -> tuple[int, ...]:
+    """The clip a stage trains on: [B, C, T, H/s, W/s] (temporal), [B, C, T/r, H, W] (spatial).
+
+    Sizes are floored and kept ≥ 1; ``joint`` returns ``shape`` unchanged.
+    """
+    check_stage(stage)
+    shape = tuple(int(v) for v in shape)
+    if len(shape) != 5 or any(v <= 0 for v in shape):
+        raise ConfigError(f"clip shape {shape} is not [B, C, T, H, W] with positive sizes", "e.g. 1,3,16,112,112")
+    if spatial_downsample < 1 or temporal_downsample < 1:
+        raise ConfigError(
+            f"downsampling factors must be ≥ 1 (got s={spatial_downsample}, r={temporal_downsample})",
+            "e.g. --spatial-downsample 2 --temporal-downsample 2",
+        )
+    batch, channels, frames, height, width = shape
+    if stage == "temporal":
+        return (batch, channels, frames, max(1, height // spatial_downsample), max(1, width // spatial_downsample))
+    if stage == "spatial":
+        return (batch, channels, max(1, frames // temporal_downsample), height, width)
+    return shape
+
+
+# --------------------------------------------------------------------------------------------
+# Activation checkpointing
+# --------------------------------------------------------------------------------------------
+
+
+class _RestoreNormStatistics:
+    """Recompute context: undo the second running-statistics update of the block's BatchNorms.
+
+    A checkpointed block runs its forward twice in training (forward, then recompute in backward);
+    without this the BN running mean/var would move twice per step.
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        self.norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+        self.saved: list[dict[str, torch.Tensor]] = []
+
+    def __enter__(self) -> None:
+        self.saved = [
+            {name: buffer.clone() for name, buffer in norm.named_buffers(recurse=False) if buffer is not None}
+            for norm in self.norms
+        ]
+
+    def __exit__(self, *exc: Any) -> None:
+        with torch.no_grad():
+            for norm, buffers in zip(self.norms, self.saved):
+                for name, value in buffers.items():
+                    getattr(norm, name).copy_(value)
+        self.saved = []
+
+
+class CheckpointedForward:
+    """Replaces a module's ``forward`` (instance attribute) so that it runs under
+    ``torch.utils.checkpoint`` (non-reentrant). Parameter names and the state_dict are unchanged."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def _contexts(self) -> tuple[contextlib.AbstractContextManager[Any], _RestoreNormStatistics]:
+        return contextlib.nullcontext(), _RestoreNormStatistics(self.module)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        forward = type(self.module).forward.__get__(self.module)
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, context_fn=self._contexts, **kwargs)
+
+
+def _is_block(module: nn.Module) -> bool:
+    name = type(module).__name__
+    return name.endswith("Block") or name.endswith("Bottleneck")
+
+
+def checkpoint_candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules that ``enable_activation_checkpointing`` wraps, outermost only.
+
+    Residual blocks (class name ending in ``Block``/``Bottleneck``: torchvision's VideoResNet
+    BasicBlock/Bottleneck); without any, the children of the model's top-level ``nn.Sequential``
+    stages; failing that, when the model itself is an ``nn.Sequential``, its children that hold
+    parameters.
+    """
+    blocks: list[tuple[str, nn.Module]] = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            qualified = f"{prefix}.{name}" if prefix else name
+            if _is_block(child):
+                blocks.append((qualified, child))
+            else:
+                visit(qualified, child)
+
+    visit("", model)
+    if blocks:
+        return blocks
+    stages: list[tuple[str, nn.Module]] = []
+    for name, child in model.named_children():
+        if isinstance(child, nn.Sequential):
+            stages += [(f"{name}.{sub}", block) for sub, block in child.named_children()]
+    if not stages and isinstance(model, nn.Sequential):
+        stages = [(name, child) for name, child in model.named_children() if any(True for _ in child.parameters())]
+    return stages
+
+
+def _iter_wrapped(model: nn.Module) -> Iterator[nn.Module]:
+    for module in model.modules():
+        if isinstance(module.__dict__.get("forward"), CheckpointedForward):
+            yield module
+
+
+def enable_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute each residual block's activations in backward instead of keeping them (in place).
+
+    Only the block inputs stay saved; outputs, gradients and BN running statistics are unchanged.
+    Returns how many modules are checkpointed (calling it twice wraps nothing twice).
+    """
+    for _, module in checkpoint_candidates(model):
+        if not isinstance(module.__dict__.get("forward"), CheckpointedForward):
+            module.forward = CheckpointedForward(module)  # type: ignore[method-assign]
+    return sum(1 for _ in _iter_wrapped(model))
+
+
+def disable_activation_checkpointing(model: nn.Module) -> int:
+    """Undo ``enable_activation_checkpointing``; returns how many modules were unwrapped."""
+    wrapped = list(_iter_wrapped(model))
+    for module in wrapped:
+        del module.forward
+    return len(wrapped)
