@@ -1,0 +1,209 @@
+"""``stjfd export`` (verified ONNX export) and ``stjfd predict`` (classify a video with an ONNX model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from . import render
+from .app import app, guarded
+
+
+def _mb(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:,.2f} MB"
+
+
+def _ms(value: float | None) -> str:
+    return f"{value:,.1f} ms" if value is not None else "—"
+
+
+def _ratio(value: float | None) -> str:
+    return f"{value:.3f}×" if value is not None else "—"
+
+
+def _validation_table(validation: Any) -> Table:
+    table = Table(title="onnxruntime vs PyTorch", header_style="bold")
+    for column, justify in (("clip", "right"), ("input", "left"), ("output", "left"), ("max abs diff", "right"),
+                            ("relative diff", "right"), ("", "left")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for check in validation.checks:
+        status = "[green]ok[/]" if check.ok else f"[red]{escape(check.problem or 'over atol')}[/]"
+        table.add_row(
+            str(check.clip),
+            "×".join(map(str, check.input_shape)),
+            escape(check.name),
+            f"{check.max_abs:.3e}",
+            f"{check.rel_diff:.3e}",
+            status,
+        )
+    return table
+
+
+def _render_export(result: Any, as_json: bool) -> None:
+    if as_json:
+        render.print_json(result.to_dict())
+        return
+    out = render.stdout
+    counts = ", ".join(f"{n} {form}" for form, n in sorted(result.form_counts.items())) or "no decomposed layers"
+    written = escape(str(result.path)) if result.path else "[red]not kept[/]"
+    out.print(
+        f"[bold]graph[/]: {written} — mode {result.mode} ({counts}; {escape(result.plan_source)}), "
+        f"opset {result.opset}, {result.exporter} exporter"
+        + (f", dynamic axes {','.join(result.dynamic_axes)}" if result.dynamic_axes else "")
+        + (", fp16 weights" if result.fp16 else "")
+    )
+    out.print(f"[bold]onnx.checker[/]: {'[green]passed[/]' if result.checker_passed else '[red]failed[/]'}")
+    validation = result.validation
+    if validation is None:
+        out.print("[bold]validation[/]: skipped (--no-validate)")
+    else:
+        out.print(_validation_table(validation))
+        verdict = "[bold green]PASS[/]" if validation.passed else "[bold red]FAIL[/]"
+        out.print(
+            f"[bold]validation[/]: {verdict} on {len(validation.input_shapes)} random clips at atol "
+            f"{validation.atol:.1e}: max abs diff {validation.max_abs:.3e}, max relative diff {validation.rel_diff:.3e}"
+            + (f"; {len(validation.mismatches)} of {len(validation.checks)} outputs mismatch" if not validation.passed else "")
+        )
+    stats = result.stats
+    files = " + ".join(escape(f) for f in stats.files)
+    out.print(f"[bold]file size[/]: {_mb(stats.file_bytes)} ({files}); [bold]parameters[/]: {stats.parameters:,}")
+    shape = "×".join(map(str, result.latency_shape))
+    threads = f"{result.threads} threads" if result.threads else "default threads"
+    if stats.latency_ms is not None:
+        out.print(
+            f"[bold]ORT latency[/]: {_ms(stats.latency_ms)} median of {stats.latency_runs} runs "
+            f"({shape} clip, CPU, {threads})"
+        )
+    if result.original is not None:
+        original, ratios = result.original, result.ratios()
+        table = Table(title="vs the dense original", header_style="bold")
+        for column in ("", "file size", "parameters", "ORT latency"):
+            table.add_column(column, justify="right" if column else "left")
+        table.add_row("original", _mb(original.file_bytes), f"{original.parameters:,}", _ms(original.latency_ms))
+        table.add_row(result.mode, _mb(stats.file_bytes), f"{stats.parameters:,}", _ms(stats.latency_ms))
+        table.add_row("ratio", _ratio(ratios.get("file_bytes")), _ratio(ratios.get("parameters")), _ratio(ratios.get("latency")))
+        out.print(table)
+    if result.normalization:
+        mean = ",".join(f"{m:g}" for m in result.normalization["mean"])
+        std = ",".join(f"{s:g}" for s in result.normalization["std"])
+        out.print(f"[dim]normalisation stored in the metadata: mean {mean}, std {std}[/]")
+    for note in result.notes:
+        out.print(f"[dim]note:[/] {escape(note)}")
+
+
+def _floats(text: Optional[str], flag: str) -> Optional[list[float]]:
+    from ..errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r} is not a comma-separated list of numbers", f"e.g. {flag} 0.45,0.45,0.45") from None
+
+
+@app.command()
+@guarded
+def export(
+    source: Path = typer.Argument(..., help="converted-model folder, or a checkpoint with --arch/--model"),
+    onnx: Path = typer.Option(..., "--onnx", help="ONNX file to write"),
+    mode: str = typer.Option(
+        "auto", help="fused (one Conv per layer) | factorized (atoms + coefficients) | auto (planner's choice per layer) "
+        "| sandwich | spatial_first | temporal_first"
+    ),
+    opset: int = typer.Option(17, help="ONNX opset (11 to the installed exporter's maximum)"),
+    dynamic: Optional[str] = typer.Option(None, "--dynamic", help="dynamic input axes: any of batch,time,height,width"),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="export/validation clip shape, e.g. 1,3,16,112,112"),
+    fp16: bool = typer.Option(False, "--fp16", help="store weights in float16 (inputs and compute stay float32)"),
+    atol: Optional[float] = typer.Option(None, "--atol", help="validation tolerance (default 1e-4; 1e-2 with --fp16)"),
+    clips: int = typer.Option(3, "--clips", help="random clips to validate on"),
+    no_validate: bool = typer.Option(False, "--no-validate", help="skip the onnxruntime validation"),
+    keep_invalid: bool = typer.Option(False, "--keep-invalid", help="keep the file even when validation fails"),
+    compare: bool = typer.Option(False, "--compare", help="also export the dense original: size, parameters, latency"),
+    runs: int = typer.Option(10, "--runs", help="timed onnxruntime runs for the latency median (0: no timing)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: its own)"),
+    mean: Optional[str] = typer.Option(None, "--mean", help="input mean per channel to record, e.g. 0.45,0.45,0.45"),
+    std: Optional[str] = typer.Option(None, "--std", help="input std per channel to record"),
+    arch: Optional[str] = typer.Option(None, help="torchvision video model of a checkpoint (r3d_18, …)"),
+    model: Optional[str] = typer.Option(None, "--model", help="user architecture of a checkpoint, module:callable"),
+    model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="JSON object of constructor kwargs"),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow checkpoints holding pickled objects"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Export a model to ONNX and verify it: onnx.checker, onnxruntime vs PyTorch, size and latency."""
+    from ..export import ExportValidationError, export_onnx
+    from ..models import parse_model_kwargs
+    from ..parity import parse_shape
+
+    shape = parse_shape(input_shape) if input_shape else None
+    try:
+        result = export_onnx(
+            source,
+            onnx,
+            mode=mode,
+            opset=opset,
+            dynamic_axes=dynamic,
+            input_shape=shape,
+            fp16=fp16,
+            atol=atol,
+            validate=not no_validate,
+            clips=clips,
+            compare=compare,
+            runs=runs,
+            threads=threads,
+            keep_invalid=keep_invalid,
+            mean=_floats(mean, "--mean"),
+            std=_floats(std, "--std"),
+            arch=arch,
+            model=model,
+            model_kwargs=parse_model_kwargs(model_kwargs),
+            trust_pickle=trust_pickle,
+        )
+    except ExportValidationError as exc:
+        _render_export(exc.result, as_json)  # every mismatch, then the one error line (exit 1)
+        raise
+    _render_export(result, as_json)
+
+
+def _render_prediction(prediction: Any, as_json: bool) -> None:
+    if as_json:
+        render.print_json(prediction.to_dict())
+        return
+    out = render.stdout
+    shape = "×".join(map(str, prediction.input_shape))
+    out.print(
+        f"[bold]{escape(prediction.video.name)}[/]: centre clip {shape}, normalised with "
+        f"{escape(prediction.normalization_source)}, {prediction.num_classes} classes"
+    )
+    table = Table(header_style="bold")
+    for column, justify in (("rank", "right"), ("class", "right"), ("label", "left"), ("probability", "right"), ("logit", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for entry in prediction.top:
+        table.add_row(str(entry["rank"]), str(entry["index"]), escape(entry["label"]), f"{entry['probability']:.4f}",
+                      f"{entry['logit']:.4f}")
+    out.print(table)
+
+
+@app.command()
+@guarded
+def predict(
+    model: Path = typer.Argument(..., help="ONNX file written by `stjfd export --onnx`"),
+    video: Path = typer.Argument(..., help="video file (.mp4, .avi, .mkv, …)"),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="text file with one class name per line"),
+    top_k: int = typer.Option(5, "--top-k", help="how many classes to show"),
+    mean: Optional[str] = typer.Option(None, "--mean", help="input mean per channel (default: the model's metadata)"),
+    std: Optional[str] = typer.Option(None, "--std", help="input std per channel (default: the model's metadata)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Classify the centre clip of a video with an exported ONNX model (onnxruntime, CPU)."""
+    from ..export import predict as run_predict
+
+    prediction = run_predict(
+        model, video, labels=labels, top_k=top_k, mean=_floats(mean, "--mean"), std=_floats(std, "--std"), threads=threads
+    )
+    _render_prediction(prediction, as_json)
