@@ -6,7 +6,7 @@ import copy
 import fnmatch
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -191,14 +191,37 @@ def _choose_ranks(
     return choice
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
+def replace_modules(model: nn.Module, build: Callable[[str, nn.Module], nn.Module | None]) -> nn.Module:
+    """Replace, in place, every submodule for which ``build(name, module)`` returns a module.
+
+    A module registered under several names (shared) is built once and stays shared. Returns the
+    model, or the replacement when ``model`` itself is replaced.
+    """
+    replacements: dict[int, nn.Module] = {}
+    for name, module in model.named_modules():
+        if id(module) not in replacements:
+            new = build(name, module)
+            if new is not None:
+                replacements[id(module)] = new
+    if id(model) in replacements:
+        return replacements[id(model)]
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if name and id(module) in replacements:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, replacements[id(module)])
+    return model
 
 
-def _all_names(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    yield from model.named_modules(remove_duplicate=False)
+def densify(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every DecomposedConv3d replaced by its dense ``to_conv3d()``.
+
+    For a converted model this is the dense architecture the decomposition approximates (same
+    outputs to float rounding); ``model`` itself is left untouched.
+    """
+    return replace_modules(
+        copy.deepcopy(model), lambda _, m: m.to_conv3d() if isinstance(m, DecomposedConv3d) else None
+    )
 
 
 def convert_model(
@@ -280,9 +303,7 @@ def convert_model(
             progress(LayerEvent(index, total, name, report))
 
     # Replace every occurrence (a conv registered under several names is shared, keep it shared).
-    for name, module in list(_all_names(converted)):
-        if name and id(module) in replacements:
-            _set_submodule(converted, name, replacements[id(module)])
+    converted = replace_modules(converted, lambda _, module: replacements.get(id(module)))
 
     notes = []
     if not replacements:

@@ -72,6 +72,7 @@ from . import __version__
 from .atomic import check_writable_target
 from .errors import ConfigError, OutputError, StjfdError, VerificationError
 from .functional.conv import ConvGeometry, spatial_first_weight, temporal_first_weight
+from .convert import densify, replace_modules
 from .layers import FORMS, MODES, DecomposedConv3d
 from .models import TORCHVISION_VIDEO_ARCHS, ArchSpec, load_model
 from .parity import flatten_outputs, make_input, run_model
@@ -205,35 +206,6 @@ def parse_dynamic_axes(axes: str | Sequence[str] | None) -> tuple[str, ...]:
 # --------------------------------------------------------------------------------------------
 # Model surgery
 # --------------------------------------------------------------------------------------------
-
-
-def _replace_modules(model: nn.Module, build: Callable[[str, nn.Module], nn.Module | None]) -> nn.Module:
-    """Replace, in place, every submodule for which ``build(name, module)`` returns a module."""
-    replacements: dict[int, nn.Module] = {}
-    for name, module in model.named_modules():
-        if id(module) in replacements:
-            continue
-        new = build(name, module)
-        if new is not None:
-            replacements[id(module)] = new
-    if id(model) in replacements:
-        return replacements[id(model)]
-    for name, module in list(model.named_modules(remove_duplicate=False)):
-        if name and id(module) in replacements:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, replacements[id(module)])
-    return model
-
-
-def densify(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every DecomposedConv3d replaced by its dense ``to_conv3d()``.
-
-    For a converted model this is "the original" architecture with the reconstructed weights
-    (the dense model the decomposition approximates); ``model`` itself is left untouched.
-    """
-    dense = copy.deepcopy(model)
-    return _replace_modules(dense, lambda _, m: m.to_conv3d() if isinstance(m, DecomposedConv3d) else None)
 
 
 def _pads(geometry: ConvGeometry, axes: Sequence[int]) -> tuple[list[int], tuple[int, int, int], bool]:
@@ -394,7 +366,7 @@ def export_module(layer: DecomposedConv3d, form: str) -> nn.Module:
 def _export_friendly(model: nn.Module, forms: Mapping[str, str]) -> nn.Module:
     """A copy of ``model`` with each DecomposedConv3d replaced by ``export_module(layer, forms[name])``."""
     work = copy.deepcopy(model)
-    return _replace_modules(
+    return replace_modules(
         work, lambda name, m: export_module(m, forms.get(name, "fused")) if isinstance(m, DecomposedConv3d) else None
     )
 

@@ -34,6 +34,7 @@ from .config import ConvertConfig
 from .errors import ConfigError, OutputError
 from .functional.cost import form_cost
 from .functional.conv import ConvGeometry
+from .convert import densify
 from .layers import FORMS, DecomposedConv3d
 from .memory import (
     OPTIMIZERS,
@@ -75,25 +76,6 @@ def parse_bytes(text: str | int) -> int:
     if value <= 0:
         raise ConfigError(f"--memory-budget {text!r} must be positive", "e.g. --memory-budget 8GiB")
     return value
-
-
-def densify(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every ``DecomposedConv3d`` replaced by its ``to_conv3d()``.
-
-    The dense twin of a converted model (same outputs to float rounding); ``model`` is untouched.
-    """
-    dense = copy.deepcopy(model)
-    replacements = {
-        id(module): module.to_conv3d() for module in dense.modules() if isinstance(module, DecomposedConv3d)
-    }
-    if isinstance(dense, DecomposedConv3d):
-        return replacements[id(dense)]
-    for name, module in list(dense.named_modules(remove_duplicate=False)):
-        if name and id(module) in replacements:
-            parent_name, _, child = name.rpartition(".")
-            parent = dense.get_submodule(parent_name) if parent_name else dense
-            setattr(parent, child, replacements[id(module)])
-    return dense
 
 
 # --------------------------------------------------------------------------------------------

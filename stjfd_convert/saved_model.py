@@ -20,6 +20,7 @@ from torch import nn
 from . import __version__
 from .atomic import atomic_directory
 from .errors import ConvertedModelError, StjfdError
+from .convert import replace_modules
 from .layers import DecomposedConv3d
 from .models import ArchSpec, build_model
 
@@ -197,12 +198,7 @@ def rebuild_skeleton(manifest: Mapping[str, Any], *, trust_pickle: bool = False,
                 "the architecture changed since conversion; re-run `stjfd convert`",
             )
         replacements[id(original)] = layer
-    for name, module in list(model.named_modules(remove_duplicate=False)):
-        if name and id(module) in replacements:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, replacements[id(module)])
-    return model
+    return replace_modules(model, lambda _, module: replacements.get(id(module)))
 
 
 def load_converted(
