@@ -12,6 +12,13 @@ from typing import Iterator
 from .errors import OutputError
 
 
+def _apply_umask(path: Path, mode: int) -> None:
+    """mkdtemp/mkstemp create private (0700/0600) entries; published outputs get the usual umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
 def _describe_os_error(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 
@@ -60,6 +67,7 @@ def atomic_directory(target: str | os.PathLike[str], *, overwrite: bool = False)
         raise OutputError(f"cannot write to {target.parent}: {_describe_os_error(exc)}", "choose another -o") from None
     try:
         yield staging
+        _apply_umask(staging, 0o777)
         backup = None
         if target.exists():
             backup = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -85,6 +93,7 @@ def atomic_file(target: str | os.PathLike[str], *, overwrite: bool = True) -> It
     staging = Path(name)
     try:
         yield staging
+        _apply_umask(staging, 0o666)
         os.replace(staging, target)
     except BaseException:
         staging.unlink(missing_ok=True)

@@ -33,6 +33,7 @@ import csv
 import math
 import os
 import random
+import signal
 import re
 import shutil
 import tempfile
@@ -978,6 +979,9 @@ def _worker_init(worker_id: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.set_num_threads(1)
+    # Ctrl-C is the main process's to handle (finish the step, save, exit 130); a worker killed by
+    # the terminal's SIGINT would break that under spawn/forkserver start methods.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class ClipLoader(DataLoader):

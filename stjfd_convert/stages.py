@@ -73,7 +73,8 @@ def stage_clip_shape(
     if stage == "temporal":
         return (batch, channels, frames, max(1, height // spatial_downsample), max(1, width // spatial_downsample))
     if stage == "spatial":
-        return (batch, channels, max(1, frames // temporal_downsample), height, width)
+        # Every r-th frame, as data.downsample_clip takes it: ceil(T / r) frames.
+        return (batch, channels, -(-frames // temporal_downsample), height, width)
     return shape
 
 
