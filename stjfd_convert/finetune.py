@@ -1444,7 +1444,8 @@ class _Trainer:
                 self.model, spec, input_shape=shape, command=self.run_info.get("command"),
                 source=self.run_info.get("model", {}).get("source"),
                 extra={"finetune": {"run": str(self.run_dir), "epoch": epoch, "step": self.position.step,
-                                    "classes": self.classes, "clip": clip, **_clean(dict(extra))}},
+                                    "classes": self.classes, "clip": clip, **_clean(dict(extra))},
+                       **({"normalization": _manifest_normalization(clip)} if clip else {})},
             )
             wrapped = self.config.checkpoint_activations and spec.kind == "pickle"
             if wrapped:
@@ -1921,6 +1922,13 @@ def _fmt(value: float | None) -> str:
 
 def _fmt_bytes(value: int | None) -> str:
     return "—" if value is None else f"{value / 2**20:.1f} MiB"
+
+
+def _manifest_normalization(clip: Mapping[str, Any]) -> dict[str, list[float]]:
+    """The input normalisation the model was trained with; frames scaled to 0..1 without mean/std."""
+    if clip.get("mean") and clip.get("std"):
+        return {"mean": list(clip["mean"]), "std": list(clip["std"])}
+    return {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
 
 
 def _clip_description(dataset: Dataset | None) -> dict[str, Any] | None:
