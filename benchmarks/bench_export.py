@@ -1,10 +1,14 @@
 """ONNX Runtime latency and file size: original r3d_18 vs its fused / factorized / auto exports.
 
     python benchmarks/bench_export.py [--atoms 3,6 2,4] [--runs 15] [--warmup 3] [--threads 2]
-                                      [--shape 1,3,16,112,112] [--opset 17] [--json out.json]
+                                      [--shape 1,3,16,112,112] [--opset 17] [--plan-repeats 6]
+                                      [--json out.json]
 
 One seeded, randomly initialised torchvision r3d_18 is converted at each ``m_t,m_s`` pair (in memory)
-and exported with ``export_onnx`` (each export validated against PyTorch on one clip). Then every
+and exported with ``export_onnx`` (each export validated against PyTorch on one clip) as ``fused``,
+``factorized``, ``auto`` (the PyTorch cost model's plan) and ``auto (ORT-measured plan)``
+(``measure=True``: ``plan_onnxruntime`` times every form of every layer in onnxruntime with the same
+thread count, ``--plan-repeats`` rounds, and the export follows that plan). Then every
 variant gets its own onnxruntime CPU session, a warm-up, and ``--runs`` timed runs taken round-robin
 (one run of each variant in turn), so that load from others on a shared CPU hits all variants alike;
 the figure is the median. Ratios are to the original (dense) model's export.
@@ -28,7 +32,9 @@ from stjfd_convert.convert import convert_model
 from stjfd_convert.export import export_onnx, ort_session
 from stjfd_convert.parity import make_input, parse_shape
 
-MODES = ("fused", "factorized", "auto")
+#: (label, export_onnx mode, measure)
+MODES = (("fused", "fused", False), ("factorized", "factorized", False), ("auto", "auto", False),
+         ("auto (ORT-measured plan)", "auto", True))
 
 
 def parse_pair(text: str) -> tuple[int, int]:
@@ -44,6 +50,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     parser.add_argument("--shape", type=parse_shape, default=(1, 3, 16, 112, 112))
     parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--plan-repeats", type=int, default=6, help="plan_onnxruntime rounds for the measured auto")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -58,12 +65,17 @@ def main() -> None:
         variants.append({"name": "original", "atoms": None, "mode": "dense", "result": result})
         for m_t, m_s in args.atoms:
             converted, report = convert_model(original, ConvertConfig(spatial_atoms=m_s, temporal_atoms=m_t))
-            for mode in MODES:
-                path = folder / f"r3d18-{m_t}x{m_s}-{mode}.onnx"
-                result = export_onnx(converted, path, mode=mode, input_shape=args.shape, opset=args.opset, clips=1, runs=0)
+            for label, mode, measure in MODES:
+                path = folder / f"r3d18-{m_t}x{m_s}-{mode}{'-measured' if measure else ''}.onnx"
+                result = export_onnx(
+                    converted, path, mode=mode, measure=measure, measure_repeats=args.plan_repeats,
+                    threads=args.threads, input_shape=args.shape, opset=args.opset, clips=1, runs=0,
+                )
+                if measure:
+                    print(f"({m_t},{m_s}) onnxruntime plan measured in {result.plan_seconds:.0f} s")
                 variants.append(
-                    {"name": f"({m_t},{m_s}) {mode}", "atoms": [m_t, m_s], "mode": mode, "result": result,
-                     "report_ratio": report.ratio}
+                    {"name": f"({m_t},{m_s}) {label}", "atoms": [m_t, m_s], "mode": label, "result": result,
+                     "report_ratio": report.ratio, "plan_seconds": result.plan_seconds if measure else None}
                 )
         export_seconds = time.perf_counter() - start
 
@@ -87,7 +99,7 @@ def main() -> None:
         f"torch {torch.__version__}; input {'×'.join(map(str, args.shape))} float32; "
         f"median of {args.runs} round-robin runs after {args.warmup} warm-up; exports took {export_seconds:.0f} s"
     )
-    header = (f"{'variant':<22} {'file MB':>9} {'×orig':>7} {'params':>12} {'×orig':>7} {'ORT ms':>9} {'×orig':>7} "
+    header = (f"{'variant':<34} {'file MB':>9} {'×orig':>7} {'params':>12} {'×orig':>7} {'ORT ms':>9} {'×orig':>7} "
               f"{'p25–p75 ms':>15}  forms")
     print(header)
     print("-" * len(header))
@@ -113,11 +125,13 @@ def main() -> None:
             "latency_all_ms": ms,
             "forms": counts,
             "report_ratio": variant.get("report_ratio"),
+            "plan_seconds": variant.get("plan_seconds"),
+            "forms_per_layer": variant["result"].forms,
             "validation_max_abs": variant["result"].validation.max_abs if variant["result"].validation else None,
         }
         rows.append(row)
         print(
-            f"{row['variant']:<22} {stats.file_bytes / 2**20:>9.2f} {row['file_ratio']:>7.3f} {stats.parameters:>12,} "
+            f"{row['variant']:<34} {stats.file_bytes / 2**20:>9.2f} {row['file_ratio']:>7.3f} {stats.parameters:>12,} "
             f"{row['param_ratio']:>7.3f} {median:>9.1f} {row['latency_ratio']:>7.3f} {q[0]:>7.1f}–{q[2]:<7.1f}  {forms}"
         )
     print("convert-report parameter ratios: " + ", ".join(

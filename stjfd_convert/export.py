@@ -32,8 +32,14 @@ atoms once while onnxruntime still runs grouped convs, which its CPU kernels do 
 
 Modes: ``fused``, ``factorized`` (and the other forms of ``layers.FORMS``) set every layer's form;
 ``auto`` uses an execution plan stored in the converted folder's manifest for the export input
-shape (measured preferred), else plans the layers hold for that input, else the planner's cost model
-(``plan_model(measure=False)`` + ``apply_plan(..., mode="fixed")``); see :func:`resolve_forms`.
+shape (one measured in onnxruntime first, then CPU plans, measured preferred), else plans the layers
+hold for that input, else the planner's cost model (``plan_model(measure=False)`` +
+``apply_plan(..., mode="fixed")``); see :func:`resolve_forms`. The cost model describes PyTorch
+eager on CPU, whose relative costs differ from onnxruntime's (its depthwise 3-D convs run as
+im2col + GEMM per group), so ``auto`` with ``measure=True`` (``stjfd export --mode auto --measure``)
+plans in onnxruntime itself (:func:`plan_onnxruntime`: every form of every layer exported alone and
+timed in a CPU session with the export's thread count) and stores that plan in the converted
+folder's manifest (device ``"onnxruntime"``) for later ``auto`` exports.
 
 ``fp16`` stores every float initializer in half precision followed by a ``Cast`` to float: inputs,
 outputs and arithmetic stay float32 (onnxruntime's CPU provider has few float16 kernels and would
@@ -51,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
 import math
 import os
@@ -85,6 +92,7 @@ __all__ = [
     "EXPORT_MODES",
     "FP16_ATOL",
     "MIN_OPSET",
+    "ORT_DEVICE",
     "ExportError",
     "ExportResult",
     "ExportValidationError",
@@ -99,6 +107,7 @@ __all__ = [
     "max_opset",
     "ort_latency",
     "ort_session",
+    "plan_onnxruntime",
     "predict",
     "validate_onnx",
 ]
@@ -120,6 +129,16 @@ DEFAULT_WARMUP = 3
 PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_MARGIN = 64 * 2**20
 INPUT_NAME = "clip"
+#: The ``device`` of execution plans measured in onnxruntime (CPU provider), as stored in manifests.
+ORT_DEVICE = "onnxruntime"
+#: Timed runs per form and layer in :func:`plan_onnxruntime` (fastest of them counts).
+DEFAULT_PLAN_REPEATS = 6
+#: Back-to-back timed runs of one form per round: the first may share the CPU with the previous
+#: form's session, whose intra-op threads still spin for a while after its run.
+PLAN_BLOCK = 2
+#: After this many interleaved rounds, a form slower than PRUNE_FACTOR × fused stops being timed.
+PRUNE_AFTER = 3
+PRUNE_FACTOR = 2.0
 LAYOUT = "NCTHW"
 META_PREFIX = "stjfd."
 
@@ -376,7 +395,8 @@ def _decomposed_layers(model: nn.Module) -> dict[str, DecomposedConv3d]:
 
 
 def _stored_plan(manifest: Mapping[str, Any] | None, input_shape: Sequence[int]) -> dict[str, Any] | None:
-    """The manifest's plan for this input shape on CPU float32, measured ones first."""
+    """The manifest's float32 plan for this input shape: one measured in onnxruntime (the runtime
+    the export is for) first, then CPU plans, measured ones before cost-model ones."""
     if not manifest:
         return None
     candidates = [
@@ -384,11 +404,11 @@ def _stored_plan(manifest: Mapping[str, Any] | None, input_shape: Sequence[int])
         for p in manifest.get("plans") or []
         if isinstance(p, dict)
         and list(p.get("input_shape") or []) == list(input_shape)
-        and p.get("device", "cpu") == "cpu"
+        and p.get("device", "cpu") in (ORT_DEVICE, "cpu")
         and p.get("dtype", "float32") == "float32"
         and isinstance(p.get("forms"), dict)
     ]
-    candidates.sort(key=lambda p: not p.get("measured", False))
+    candidates.sort(key=lambda p: (p.get("device", "cpu") != ORT_DEVICE, not p.get("measured", False)))
     return candidates[0] if candidates else None
 
 
@@ -397,9 +417,11 @@ def resolve_forms(
 ) -> tuple[dict[str, str], str]:
     """Set (in place) each DecomposedConv3d of ``model`` to a concrete form; returns the forms and their source.
 
-    ``auto``, first match wins: a plan stored in the manifest for ``input_shape`` on CPU/float32
-    (measured preferred); plans the layers hold for the shapes they see (``apply_plan(..., mode="auto")``);
-    the planner's cost model (``plan_model(measure=False)`` applied with ``apply_plan(..., mode="fixed")``).
+    ``auto``, first match wins: a plan stored in the manifest for ``input_shape`` in float32 (one
+    measured in onnxruntime by :func:`plan_onnxruntime` first, then CPU plans, measured preferred);
+    plans the layers hold for the shapes they see (``apply_plan(..., mode="auto")``, onnxruntime keys
+    before CPU ones); the planner's cost model (``plan_model(measure=False)`` applied with
+    ``apply_plan(..., mode="fixed")``).
     """
     if mode not in EXPORT_MODES:
         raise ConfigError(f"unknown --mode {mode!r}", f"use one of {', '.join(EXPORT_MODES)}")
@@ -418,14 +440,18 @@ def resolve_forms(
             raise ConfigError(f"the stored execution plan names unknown forms {unknown}", "re-run `stjfd plan`")
         for name, layer in layers.items():
             layer.mode = forms[name]
-        kind = "measured" if stored.get("measured") else "cost-model"
+        if stored.get("device") == ORT_DEVICE:
+            kind = "onnxruntime-measured"
+        else:
+            kind = "measured" if stored.get("measured") else "cost-model"
         return forms, f"stored {kind} plan for {'×'.join(map(str, input_shape))}"
     from .planner import apply_plan, layer_plan_key, plan_model, trace_layer_inputs
 
     # Plans held by the layers themselves (apply_plan(..., mode="auto") in memory), if they cover this input.
     shapes = trace_layer_inputs(model, input_shape)
     held = {
-        name: layer.plan.get(layer_plan_key(shapes[name], "cpu", torch.float32))
+        name: layer.plan.get(layer_plan_key(shapes[name], ORT_DEVICE, torch.float32))
+        or layer.plan.get(layer_plan_key(shapes[name], "cpu", torch.float32))
         for name, layer in layers.items()
         if name in shapes
     }
@@ -445,6 +471,124 @@ def _concrete_forms(layers: Mapping[str, DecomposedConv3d]) -> dict[str, str]:
         if layer.mode not in FORMS:
             layer.mode = "fused"
     return {name: layer.mode for name, layer in layers.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Execution plan measured in onnxruntime
+# --------------------------------------------------------------------------------------------
+
+
+def _layer_graph(module: nn.Module, shape: Sequence[int], opset: int) -> bytes:
+    """One export module traced to a serialized ONNX model (in memory), post-processed as in export."""
+    onnx = _import_onnx()
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module, (make_input(shape, torch.float32, seed=0),), buffer, dynamo=False, opset_version=opset,
+                input_names=[INPUT_NAME], output_names=["output"], do_constant_folding=True, export_params=True,
+            )
+    except (RuntimeError, ValueError, TypeError, torch.onnx.errors.OnnxExporterError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"torch.onnx could not export a layer at opset {opset}: {first[:300]}", "try another --opset") from None
+    proto = onnx.load_from_string(buffer.getvalue())
+    _share_tiled_weights(proto)
+    return proto.SerializeToString()
+
+
+def _time_sessions(
+    sessions: Mapping[str, Any], feed_shape: Sequence[int], repeats: int, warmup: int
+) -> dict[str, float]:
+    """Fastest run of every session over ``repeats`` interleaved rounds, after ``warmup`` runs each.
+
+    Each round runs every form :data:`PLAN_BLOCK` times back to back (onnxruntime's intra-op
+    threads spin for a while after a run, so a session's first run after another session's shares
+    the CPU with that session's threads; the next run does not). The minimum counts, as in
+    ``planner._time_forms``: interference on a shared CPU only ever adds time, and interleaving
+    exposes every form to the same conditions. After :data:`PRUNE_AFTER` rounds a form whose fastest
+    run is over :data:`PRUNE_FACTOR` × fused's stops being timed: to be chosen it would have to get
+    more than twice as fast relative to fused in the remaining runs, while both saw the same load
+    (the early high-resolution layers, where atoms-first / sandwich are several times slower than
+    fused, are otherwise most of the planning time).
+    """
+    feeds = {form: _latency_feed(session, feed_shape) for form, session in sessions.items()}
+    for form, session in sessions.items():
+        for _ in range(warmup):
+            session.run(None, feeds[form])
+    best = {form: math.inf for form in sessions}
+    active = list(sessions)
+    for round_index in range(repeats):
+        for form in active:
+            for _ in range(PLAN_BLOCK):
+                best[form] = min(best[form], _timed_run(sessions[form], feeds[form]))
+        if round_index + 1 == PRUNE_AFTER and "fused" in best:
+            active = [f for f in active if f == "fused" or best[f] <= PRUNE_FACTOR * best["fused"]]
+    return best
+
+
+def plan_onnxruntime(
+    model: nn.Module,
+    input_shape: Sequence[int],
+    *,
+    forms: Sequence[str] = FORMS,
+    repeats: int = DEFAULT_PLAN_REPEATS,
+    warmup: int = 1,
+    threads: int | None = None,
+    opset: int = DEFAULT_OPSET,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> Any:
+    """An :class:`~stjfd_convert.planner.ExecutionPlan` measured in onnxruntime (device :data:`ORT_DEVICE`).
+
+    For every DecomposedConv3d and the input shape it sees for a model input of ``input_shape``
+    (``planner.trace_layer_inputs``), each form of that one layer is exported (:func:`export_module`,
+    the module a full export would use) to an in-memory ONNX model and loaded into a CPU session
+    with the options :func:`ort_session` uses for latency (``threads``). The forms are timed
+    round-robin, fastest run of ``repeats`` rounds after ``warmup`` (see :func:`_time_sessions`), and a
+    non-fused form replaces fused only when it is faster by ``planner.MEASURE_MARGIN``, as in
+    ``plan_model(measure=True)``. ``measured`` holds seconds per form (a pruned form: its fastest
+    before it was dropped); ``predicted`` is the PyTorch-CPU cost model's, for comparison.
+    ``progress(i, n, layer_name)`` is called after each layer. ``model`` is not modified.
+    """
+    from .functional.cost import form_cost, predict_seconds
+    from .planner import MEASURE_MARGIN, ExecutionPlan, LayerChoice, trace_layer_inputs
+
+    unknown = [f for f in forms if f not in FORMS]
+    if unknown:
+        raise ConfigError(f"unknown execution forms {unknown}", f"use {', '.join(FORMS)}")
+    if repeats < 1 or warmup < 0:
+        raise ConfigError("planning needs repeats ≥ 1 and warmup ≥ 0", "e.g. repeats=6")
+    check_opset(opset)
+    _import_onnx()
+    _import_ort()
+    forms = tuple(dict.fromkeys(("fused", *forms)))
+    shapes = trace_layer_inputs(model, input_shape)
+    layers = _decomposed_layers(model)
+    choices = []
+    for index, (name, shape) in enumerate(shapes.items(), start=1):
+        layer = layers[name]
+        batch, _, t, h, w = shape
+        args = (layer.geometry, layer.num_temporal_atoms, layer.num_spatial_atoms, batch, t, h, w)
+        sessions = {form: ort_session(_layer_graph(export_module(layer, form), shape, opset), threads) for form in forms}
+        measured = _time_sessions(sessions, shape, repeats, warmup)
+        del sessions
+        fastest = min(measured, key=measured.__getitem__)
+        form = fastest if measured[fastest] <= MEASURE_MARGIN * measured["fused"] else "fused"
+        choices.append(
+            LayerChoice(
+                name,
+                tuple(shape),
+                form,
+                {f: predict_seconds(f, *args, "cpu") for f in forms},
+                measured,
+                {f: form_cost(f, *args).macs for f in forms},
+                layer.geometry.to_dict(),
+                (layer.num_temporal_atoms, layer.num_spatial_atoms),
+            )
+        )
+        if progress is not None:
+            progress(index, len(shapes), name)
+    return ExecutionPlan(tuple(int(s) for s in input_shape), ORT_DEVICE, "float32", True, choices)
 
 
 # --------------------------------------------------------------------------------------------
@@ -564,6 +708,9 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     kept_invalid: bool = False
+    plan: Any = None  # the ExecutionPlan measured in onnxruntime (``measure=True``), else None
+    plan_seconds: float = 0.0
+    plan_saved: Path | None = None  # the manifest it was stored in (a converted folder as input)
 
     @property
     def form_counts(self) -> dict[str, int]:
@@ -609,6 +756,9 @@ class ExportResult:
             "notes": self.notes,
             "seconds": self.seconds,
             "kept_invalid": self.kept_invalid,
+            "measured_plan": self.plan.to_dict() if self.plan is not None else None,
+            "plan_seconds": self.plan_seconds,
+            "plan_saved": str(self.plan_saved) if self.plan_saved else None,
         }
 
 
@@ -796,20 +946,22 @@ def _write_graph(
 # --------------------------------------------------------------------------------------------
 
 
-def ort_session(path: str | os.PathLike[str], threads: int | None = None) -> Any:
-    """An onnxruntime CPU session (``threads`` intra-op threads, else onnxruntime's default)."""
+def ort_session(path: str | os.PathLike[str] | bytes, threads: int | None = None) -> Any:
+    """An onnxruntime CPU session (``threads`` intra-op threads, else onnxruntime's default) on a
+    file, or on a serialized model given as ``bytes`` (the same options either way)."""
     ort = _import_ort()
-    path = Path(path)
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: shape-mismatch warnings would flood the terminal
     if threads:
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
+    model = path if isinstance(path, bytes) else str(Path(path))
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"onnxruntime cannot load {path.name}: {first[:300]}", "try another --opset") from None
+        name = "the in-memory graph" if isinstance(path, bytes) else Path(path).name
+        raise ExportError(f"onnxruntime cannot load {name}: {first[:300]}", "try another --opset") from None
 
 
 def validation_shapes(input_shape: Sequence[int], dynamic: Sequence[str], clips: int) -> list[tuple[int, ...]]:
@@ -938,6 +1090,7 @@ class _Source:
     spec: ArchSpec | None
     manifest: dict[str, Any] | None
     input_shape: tuple[int, ...] | None
+    directory: Path | None = None  # a converted folder (where a measured plan is stored)
 
 
 def _load_source(
@@ -964,7 +1117,7 @@ def _load_source(
             from .workflows import default_input_shape
 
             shape = default_input_shape(spec)
-        return _Source(converted.model, str(path), spec, converted.manifest, tuple(shape) if shape else None)
+        return _Source(converted.model, str(path), spec, converted.manifest, tuple(shape) if shape else None, path)
     loaded = load_model(path, arch=arch, model=model, model_kwargs=model_kwargs, trust_pickle=trust_pickle)
     from .workflows import default_input_shape
 
@@ -1023,6 +1176,8 @@ def export_onnx(
     path: str | os.PathLike[str],
     *,
     mode: str = "auto",
+    measure: bool = False,
+    measure_repeats: int = DEFAULT_PLAN_REPEATS,
     opset: int = DEFAULT_OPSET,
     dynamic_axes: str | Sequence[str] | None = None,
     input_shape: Sequence[int] | None = None,
@@ -1050,6 +1205,11 @@ def export_onnx(
     (``runs`` > 0) the median ORT latency of ``runs`` runs at ``input_shape``. ``compare`` also exports
     the dense original (:func:`densify`) to a temporary file for its size, parameters and latency.
     Raises :class:`ExportValidationError` (file removed unless ``keep_invalid``) when validation fails.
+
+    ``measure`` (with ``mode="auto"``): the forms come from :func:`plan_onnxruntime` at the export
+    shape with ``threads`` (``measure_repeats`` interleaved rounds per layer) instead of a stored
+    plan or the cost model; for a converted folder the plan is stored in its manifest
+    (``planner.save_plan``, device :data:`ORT_DEVICE`), where later ``auto`` exports find it.
     """
     start = time.perf_counter()
     step = progress or (lambda _: None)
@@ -1063,6 +1223,10 @@ def export_onnx(
         raise ConfigError("--runs and --warmup must be ≥ 0", "e.g. --runs 10")
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads must be ≥ 1, got {threads}", "e.g. --threads 2, or leave it out")
+    if measure and mode != "auto":
+        raise ConfigError(f"--measure plans the forms of --mode auto, not --mode {mode}", "drop --measure, or use --mode auto")
+    if measure and measure_repeats < 1:
+        raise ConfigError(f"--measure-repeats must be ≥ 1, got {measure_repeats}", "e.g. --measure-repeats 6")
     tolerance = float(atol) if atol is not None else (FP16_ATOL if fp16 else DEFAULT_ATOL)
     if not tolerance > 0:
         raise ConfigError(f"--atol must be > 0, got {atol}", "e.g. --atol 1e-4")
@@ -1072,7 +1236,7 @@ def export_onnx(
     target = check_writable_target(target, overwrite=True)
     # Fail on a missing dependency before any long work.
     onnx = _import_onnx()
-    if validate or runs > 0 or compare:
+    if validate or runs > 0 or compare or measure:
         _import_ort()
 
     step("loading the model")
@@ -1090,7 +1254,26 @@ def export_onnx(
     normalization = _normalization(source.spec, mean, std)
 
     work = copy.deepcopy(source.model).eval()
-    forms, plan_source = resolve_forms(work, mode, shape, source.manifest)
+    plan = None
+    plan_seconds = 0.0
+    plan_saved = None
+    if measure and _decomposed_layers(work):
+        from .planner import apply_plan, save_plan
+
+        began = time.perf_counter()
+        plan = plan_onnxruntime(
+            work, shape, repeats=measure_repeats, threads=threads, opset=opset,
+            progress=lambda i, n, name: step(f"measured layer {i}/{n} ({name}) in onnxruntime"),
+        )
+        plan_seconds = time.perf_counter() - began
+        apply_plan(work, plan, mode="fixed")
+        forms = dict(plan.modes)
+        threads_text = f"{threads} threads" if threads else "default threads"
+        plan_source = f"measured in onnxruntime now ({threads_text}, fastest of {measure_repeats} rounds × {PLAN_BLOCK} runs per form)"
+        if source.directory is not None:
+            plan_saved = save_plan(source.directory, plan)
+    else:
+        forms, plan_source = resolve_forms(work, mode, shape, source.manifest)
     notes: list[str] = []
     if not forms:
         notes.append("the model has no decomposed layers: exported as is (--mode does not apply)")
@@ -1176,6 +1359,9 @@ def export_onnx(
             normalization=normalization,
             architecture=source.spec.to_dict() if source.spec else None,
             notes=notes,
+            plan=plan,
+            plan_seconds=plan_seconds,
+            plan_saved=plan_saved,
         )
         del session, original_session
         if not failed or keep_invalid:

@@ -60,10 +60,17 @@ class ExecutionPlan:
         return asdict(self)
 
 
+#: Plan "devices" that are runtimes outside PyTorch (``export.plan_onnxruntime``): their plans pick the
+#: forms of an exported graph, and their keys never match a PyTorch tensor's, so eager ``auto`` ignores them.
+RUNTIME_DEVICES = ("onnxruntime",)
+
+
 def layer_plan_key(shape: Sequence[int], device: str, dtype: torch.dtype | str) -> str:
-    """Same key as ``layers.plan_key`` for an input of ``shape`` on ``device``/``dtype``."""
+    """Same key as ``layers.plan_key`` for an input of ``shape`` on ``device``/``dtype``
+    (``device`` may also be one of :data:`RUNTIME_DEVICES`)."""
     name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
-    return f"{torch.device(device).type}/{name}/{'x'.join(str(s) for s in shape)}"
+    kind = device if device in RUNTIME_DEVICES else torch.device(device).type
+    return f"{kind}/{name}/{'x'.join(str(s) for s in shape)}"
 
 
 def trace_layer_inputs(

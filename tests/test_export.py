@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +24,18 @@ from stjfd_convert.config import ConvertConfig
 from stjfd_convert.export import (
     DEFAULT_ATOL,
     FP16_ATOL,
+    ORT_DEVICE,
     ExportValidationError,
     densify,
     export_onnx,
     max_opset,
+    plan_onnxruntime,
     predict,
 )
 from stjfd_convert.layers import FORMS, DecomposedConv3d
 from stjfd_convert.models import TORCHVISION_VIDEO_ARCHS
 from stjfd_convert.parity import make_input
-from stjfd_convert.planner import plan_model
+from stjfd_convert.planner import layer_plan_key, plan_model
 from stjfd_convert.saved_model import MANIFEST_FILE, load_converted
 from stjfd_convert.workflows import convert_checkpoint
 
@@ -289,6 +292,101 @@ def test_auto_follows_a_plan_held_in_memory(tiny_dir: Path, tmp_path: Path) -> N
     assert result.plan_source == "the layers' own execution plan"
     assert result.validation is not None and result.validation.passed
     assert all(m.mode == "auto" for m in model.modules() if isinstance(m, DecomposedConv3d))  # input untouched
+
+
+# --------------------------------------------------------------------------------------------
+# auto --measure: the plan measured in onnxruntime
+# --------------------------------------------------------------------------------------------
+
+# Two layers whose fastest onnxruntime form is obvious (batch 1, 8 frames):
+# - "strided": full rank (3 temporal × 9 spatial atoms), 3 → 2 channels, spatial stride 4. Every
+#   decomposed form does more work than the one dense conv: atoms-first, sandwich and temporal-first
+#   run atom convs at the full 160² input resolution (sandwich even a 1×1×1 conv to 2·9 channels
+#   there), and spatial-first adds a 27-channel depthwise conv to a GEMM as large as fused's.
+# - "wide": a 7×7 kernel kept as 1 spatial × 1 temporal atom, 2 → 64 channels at 40²: dense is
+#   2·64·49 MACs per output voxel, the decomposed forms 2·49 + 2·64 (13× fewer).
+OBVIOUS_SHAPE = (1, 3, 8, 160, 160)
+
+
+def obvious_model() -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        strided = DecomposedConv3d(3, 2, 3, stride=(1, 4, 4), padding=1, num_temporal_atoms=3, num_spatial_atoms=9)
+        wide = DecomposedConv3d(2, 64, (1, 7, 7), padding=(0, 3, 3), num_temporal_atoms=1, num_spatial_atoms=1)
+    return nn.Sequential(OrderedDict(strided=strided, relu=nn.ReLU(), wide=wide)).eval()
+
+
+def test_plan_onnxruntime_picks_the_obvious_forms(tmp_path: Path) -> None:
+    from stjfd_convert.planner import apply_plan
+
+    model = obvious_model()
+    plan = plan_onnxruntime(model, OBVIOUS_SHAPE, threads=2)
+    assert (plan.device, plan.dtype, plan.measured) == (ORT_DEVICE, "float32", True)
+    assert plan.input_shape == OBVIOUS_SHAPE
+    choices = {choice.name: choice for choice in plan.layers}
+    assert choices["strided"].input_shape == OBVIOUS_SHAPE
+    assert choices["wide"].input_shape == (1, 2, 8, 40, 40)
+    for choice in plan.layers:
+        assert set(choice.measured) == set(FORMS) and all(0 < t < float("inf") for t in choice.measured.values())
+    assert choices["strided"].form == "fused", choices["strided"].measured
+    assert choices["wide"].form != "fused", choices["wide"].measured
+    assert all(m.mode == "fused" for m in model.modules() if isinstance(m, DecomposedConv3d))  # untouched
+
+    # A plan held in memory under its onnxruntime key wins over a CPU one for the same input.
+    cpu_plan = plan_model(model, OBVIOUS_SHAPE, measure=False)
+    for choice in cpu_plan.layers:
+        choice.form = "temporal_first"
+    apply_plan(model, cpu_plan, mode="auto")
+    apply_plan(model, plan, mode="auto")
+    result = export_onnx(model, tmp_path / "m.onnx", input_shape=OBVIOUS_SHAPE, runs=0, clips=1)
+    assert result.forms == plan.modes and result.plan_source == "the layers' own execution plan"
+    assert result.validation is not None and result.validation.passed
+
+
+def test_measured_plan_is_stored_and_reused(tiny_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "measured"
+    folder.mkdir()
+    for f in tiny_dir.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    target = tmp_path / "auto.onnx"
+    data = export_json(folder, "--onnx", target, "--measure", "--measure-repeats", 2, "--threads", 1, "--runs", 0)
+    assert data["validation"]["passed"]
+    plan = data["measured_plan"]
+    assert plan["device"] == ORT_DEVICE and plan["measured"] is True and plan["input_shape"] == list(TINY_SHAPE)
+    assert data["forms"] == {c["name"]: c["form"] for c in plan["layers"]}
+    assert "measured in onnxruntime now" in data["plan_source"]
+    assert data["plan_saved"] == str(folder / MANIFEST_FILE)
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    stored = [p for p in manifest["plans"] if p["device"] == ORT_DEVICE]
+    assert len(stored) == 1 and stored[0]["forms"] == data["forms"] and stored[0]["measured"] is True
+    for choice in plan["layers"]:
+        key = layer_plan_key(choice["input_shape"], ORT_DEVICE, "float32")
+        assert manifest["layers"][choice["name"]]["plan"][key] == choice["form"]
+    load_converted(folder)  # the onnxruntime keys load (and never match a PyTorch tensor's)
+
+    # A later auto export reuses the stored onnxruntime plan, ahead of a measured CPU plan.
+    # (Distinct forms, written into the stored plan, make "reused" observable.)
+    forms = {"stem": "sandwich", "spatial": "temporal_first"}
+    stored[0]["forms"] = forms
+    manifest["plans"].append({"input_shape": list(TINY_SHAPE), "device": "cpu", "dtype": "float32", "measured": True,
+                              "forms": {"stem": "factorized", "spatial": "factorized"}})
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    again = export_json(folder, "--onnx", target, "--runs", 0)
+    assert again["forms"] == forms and "onnxruntime-measured" in again["plan_source"]
+    assert again["measured_plan"] is None and again["validation"]["passed"]
+    assert json.loads(metadata(target)["stjfd.forms"]) == forms
+
+    # Measuring again replaces the stored onnxruntime plan rather than adding one.
+    export_json(folder, "--onnx", target, "--measure", "--measure-repeats", 1, "--runs", 0, "--no-validate")
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    assert len([p for p in manifest["plans"] if p["device"] == ORT_DEVICE]) == 1
+
+
+def test_measure_needs_auto(tiny_dir: Path, tmp_path: Path) -> None:
+    outcome = run_cli(["export", tiny_dir, "--onnx", tmp_path / "m.onnx", "--mode", "fused", "--measure"])
+    assert outcome.exit_code == 2
+    assert_one_error_line(outcome, "--measure")
+    assert not (tmp_path / "m.onnx").exists()
 
 
 # --------------------------------------------------------------------------------------------

@@ -56,6 +56,11 @@ def _render_export(result: Any, as_json: bool) -> None:
         + (f", dynamic axes {','.join(result.dynamic_axes)}" if result.dynamic_axes else "")
         + (", fp16 weights" if result.fp16 else "")
     )
+    if result.plan is not None:
+        saved = f", stored in {escape(str(result.plan_saved))}" if result.plan_saved else " (not stored: not a converted folder)"
+        out.print(
+            f"[bold]plan[/]: {len(result.plan.layers)} layers measured in onnxruntime in {result.plan_seconds:.1f} s{saved}"
+        )
     out.print(f"[bold]onnx.checker[/]: {'[green]passed[/]' if result.checker_passed else '[red]failed[/]'}")
     validation = result.validation
     if validation is None:
@@ -115,6 +120,13 @@ def export(
         "auto", help="fused (one Conv per layer) | factorized (atoms + coefficients) | auto (planner's choice per layer) "
         "| sandwich | spatial_first | temporal_first"
     ),
+    measure: bool = typer.Option(
+        False, "--measure", help="with --mode auto: time every form of every layer in onnxruntime (with --threads) "
+        "and export the fastest; a converted folder's manifest keeps the plan for later auto exports"
+    ),
+    measure_repeats: int = typer.Option(
+        6, "--measure-repeats", help="--measure rounds: each form of each layer runs twice per round, the fastest run counts"
+    ),
     opset: int = typer.Option(17, help="ONNX opset (11 to the installed exporter's maximum)"),
     dynamic: Optional[str] = typer.Option(None, "--dynamic", help="dynamic input axes: any of batch,time,height,width"),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="export/validation clip shape, e.g. 1,3,16,112,112"),
@@ -145,6 +157,8 @@ def export(
             source,
             onnx,
             mode=mode,
+            measure=measure,
+            measure_repeats=measure_repeats,
             opset=opset,
             dynamic_axes=dynamic,
             input_shape=shape,
