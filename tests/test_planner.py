@@ -54,15 +54,15 @@ def _layer(c_in: int, c_out: int, kernel, m_t: int, m_s: int, **kw) -> Decompose
 
 
 def test_measured_plan_picks_obviously_cheaper_forms() -> None:
-    # Layer 0: full rank, few channels, stride 4 in space. Every other form runs a per-channel atom
-    # conv at full (unstrided) resolution, which costs more than the whole strided dense conv.
+    # Layer 0: full rank, 3→2 channels, stride 4 in space: the dense conv is tiny, while every other
+    # form adds an atom pass (temporal ones at full resolution) with a 3-27x wider intermediate.
     # Layer 2: 1×1 atoms on a wide 7×7 layer: the factorised forms need ~49× fewer MACs.
     model = nn.Sequential(
-        _layer(8, 64, (3, 3, 3), 3, 9, padding=1, stride=(1, 4, 4)),
+        _layer(3, 2, (3, 3, 3), 3, 9, padding=1, stride=(1, 4, 4)),
         nn.Identity(),
-        _layer(64, 256, (3, 7, 7), 1, 1, padding=(1, 3, 3)),
+        _layer(2, 64, (1, 7, 7), 1, 1, padding=(0, 3, 3)),
     )
-    plan = plan_model(model, (1, 8, 8, 64, 64), measure=True, repeats=5)
+    plan = plan_model(model, (1, 3, 8, 160, 160), measure=True, repeats=5)
     forms = plan.modes
     assert forms["0"] == "fused"
     assert forms["2"] != "fused"
