@@ -712,13 +712,3 @@ def test_help(args: list[str]) -> None:
     if args[0] == "convert":
         for option in ("--atoms", "--energy", "--budget", "--full-rank", "--model", "--input-shape", "--force"):
             assert option in outcome.stdout
-
-
-def test_demo_json() -> None:
-    outcome = run_cli(["demo", "--json"])
-    assert outcome.exit_code == 0, outcome.output
-    report = json.loads(outcome.stdout)
-    assert report["reload"] == {"identical": True, "max_abs": 0.0}
-    assert report["totals"]["params_before"] == R3D18_PARAMS
-    assert report["totals"]["decomposed_layers"] == R3D18_DECOMPOSABLE
-    assert report["parity"] is not None and math.isfinite(report["parity"]["rel_l2"])

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stjfd_convert.sample import SAMPLE_CLASSES, shape_frames
+
 __all__ = [
     "SHAPE_KINDS",
     "INDEX_BASE",
@@ -70,7 +72,7 @@ INDEX_BASE = 12
 INDEX_STEP = 8
 INDEX_PERIOD = 29  # 12 + 8 * 28 = 236 ≤ 255
 
-SHAPE_KINDS = ("left_right", "top_bottom", "blink")
+SHAPE_KINDS = SAMPLE_CLASSES
 
 
 @functools.cache
@@ -146,25 +148,11 @@ def write_frame_folder(directory: str | Path, frames: np.ndarray, ext: str = ".p
 
 def moving_shape_frames(kind: int | str, T: int, H: int, W: int, seed: int = 0) -> np.ndarray:
     """A toy clip ``uint8 [T, H, W, 3]``: a bright square that moves left→right (kind 0), top→bottom (1)
-    or stays put and blinks (2), over a dim noisy background. Colour, size and path vary with ``seed``."""
-    kind_index = SHAPE_KINDS.index(kind) if isinstance(kind, str) else int(kind) % len(SHAPE_KINDS)
-    rng = np.random.default_rng(seed)
-    frames = rng.integers(0, 40, size=(T, H, W, 3), dtype=np.uint8)
-    side = max(2, min(H, W) // 4)
-    colour = rng.integers(150, 256, size=3, dtype=np.uint8)
-    y0 = int(rng.integers(0, H - side + 1))
-    x0 = int(rng.integers(0, W - side + 1))
-    for t in range(T):
-        progress = t / max(1, T - 1)
-        y, x = y0, x0
-        if kind_index == 0:
-            x = round(progress * (W - side))
-        elif kind_index == 1:
-            y = round(progress * (H - side))
-        elif t % 2:
-            continue  # blink: the square is off on odd frames
-        frames[t, y : y + side, x : x + side] = colour
-    return frames
+    or stays put and blinks (2), over a dim noisy background. Colour, size and path vary with ``seed``.
+
+    The one implementation is :func:`stjfd_convert.sample.shape_frames` (the sample model's toy task);
+    this is its fixed-layout form (full sweep, blink on even frames)."""
+    return shape_frames(kind, T, H, W, seed)
 
 
 def indexed_frames(T: int, H: int, W: int) -> np.ndarray:

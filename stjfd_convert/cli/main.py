@@ -97,26 +97,73 @@ def convert(
 @guarded
 def demo(
     atoms: int = typer.Option(6, "--atoms", help="spatial atoms per layer"),
-    output: Optional[Path] = typer.Option(None, "-o", "--output", help="keep the converted model here"),
+    temporal_atoms: Optional[int] = typer.Option(
+        None, "--temporal-atoms", help="temporal atoms per layer (default min(L, 3))"
+    ),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="keep the converted model and run here"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
-    """Convert a freshly initialised torchvision r3d_18 and show the report (no download needed)."""
+    """Convert the bundled sample model, compare accuracy, fine-tune briefly and reload (CPU, < 1 min)."""
     from ..workflows import demo as run_demo
+    from .cmd_finetune import _TrainingView
 
+    show_bars = not as_json and render.stderr.is_terminal
     with tempfile.TemporaryDirectory(prefix="stjfd-demo-") as scratch:
         folder = Path(output) if output is not None else Path(scratch)
-        with render.layer_progress(not as_json and render.stderr.is_terminal) as progress:
-            result, reload = run_demo(folder, atoms=atoms, progress=progress)
+        with render.layer_progress(show_bars) as progress, _TrainingView(bars=show_bars, lines=False) as view:
+            result = run_demo(
+                folder, atoms=atoms, temporal_atoms=temporal_atoms, progress=progress, callbacks=[view],
+                command=command_line(),
+            )
         if as_json:
-            render.print_json({**result.to_dict(), "reload": {"identical": reload.identical, "max_abs": reload.max_abs}})
-            return
-        _render_convert(result, False)
-        status = "[green]bit-identical[/]" if reload.identical else f"[red]differs by {reload.max_abs:.3e}[/]"
-        render.stdout.print(f"[bold]reload[/]: load_converted({escape(str(reload.directory))}) → outputs {status}")
-        if output is None:
-            render.stdout.print("[dim]the demo folder is temporary; pass -o DIR to keep it[/]")
-    if not reload.identical:
+            render.print_json(result.to_dict())
+        else:
+            _render_demo(result, keep=output is not None)
+    if not result.reload.identical:
         raise typer.Exit(1)
+
+
+def _render_demo(result: Any, keep: bool) -> None:
+    out = render.stdout
+    info, convert, report = result.sample_model, result.convert, result.convert.report
+    out.print(
+        f"[bold]sample model[/]: {escape(info['architecture']['name'])} ({info['parameters']:,} parameters), "
+        f"bundled with stjfd; classes: {', '.join(info['classes'])}"
+    )
+    out.print(render.conversion_table(report))
+    for line in render.totals_lines(report):
+        out.print(line)
+    agreement = result.agreement
+    out.print(
+        f"[bold]parity[/] on {agreement['clips']} held-out clips: top-1 agreement "
+        f"{agreement['top1_agree']}/{agreement['clips']}, relative L2 diff of the logits {agreement['rel_l2']:.3e}"
+    )
+    for note in report.notes + convert.notes:
+        out.print(f"[dim]note:[/] {escape(note)}")
+    reload = result.reload
+    status = "[green]bit-identical[/]" if reload.identical else f"[red]differs by {reload.max_abs:.3e}[/]"
+    out.print(f"[bold]reload[/]: saved {escape(str(reload.directory))}/, reloaded → outputs {status}")
+    ft = result.finetune
+    out.print(
+        f"[bold]accuracy[/] on {result.test_clips} held-out clips: original {result.original.top1:.1%}, "
+        f"converted {result.converted.top1:.1%} ({report.ratio:.3f}× the parameters), "
+        f"fine-tuned [bold]{result.finetuned.top1:.1%}[/]"
+    )
+    stages = " → ".join(
+        f"{s.stage} {'×'.join(map(str, s.input_shape[2:]))}" + (f" {s.val_top1:.1%}" if s.val_top1 is not None else "")
+        for s in ft.stages
+    )
+    out.print(
+        f"[bold]fine-tuning[/]: alternating schedule on {result.train_clips} other clips, {ft.steps} steps in "
+        f"{ft.seconds:.1f} s; held-out top-1 after each stage (clip T×H×W):"
+    )
+    out.print(f"  {stages}")
+    if keep:
+        out.print(f"[bold green]kept[/] {escape(str(reload.directory))}/ and the fine-tuning run {escape(str(ft.run_dir))}/")
+    else:
+        out.print("[dim]the demo folder is temporary; pass -o DIR to keep it[/]")
+    if report.config.temporal_atoms is None and report.config.spatial_atoms == 6:
+        out.print("[dim]try `stjfd demo --temporal-atoms 2 --atoms 4`: a smaller model that fine-tuning has to repair[/]")
 
 
 def main() -> None:
