@@ -1125,14 +1125,21 @@ def _load_source(
 
 
 def _normalization(
-    spec: ArchSpec | None, mean: Sequence[float] | None, std: Sequence[float] | None
+    spec: ArchSpec | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    manifest: Mapping[str, Any] | None = None,
 ) -> dict[str, list[float]] | None:
+    """--mean/--std, else what the model was fine-tuned with (manifest), else the arch's known stats."""
     if (mean is None) != (std is None):
         raise ConfigError("give both --mean and --std, or neither", "e.g. --mean 0.43,0.39,0.38 --std 0.23,0.22,0.22")
     if mean is not None and std is not None:
         if len(mean) != len(std) or any(s <= 0 for s in std):
             raise ConfigError("--mean and --std need one value per channel and std > 0", "e.g. --mean 0.45,0.45,0.45 --std 0.225,0.225,0.225")
         return {"mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+    recorded = (manifest or {}).get("normalization")
+    if isinstance(recorded, Mapping) and recorded.get("mean") and recorded.get("std"):
+        return {"mean": [float(m) for m in recorded["mean"]], "std": [float(s) for s in recorded["std"]]}
     if spec is not None and spec.kind == "torchvision" and spec.name in TORCHVISION_VIDEO_ARCHS:
         info = TORCHVISION_VIDEO_ARCHS[spec.name]
         return {"mean": list(info.mean), "std": list(info.std)}
@@ -1251,7 +1258,7 @@ def export_onnx(
             f"--dynamic needs a 5-D input [batch, channels, time, height, width], got {'×'.join(map(str, shape))}",
             "pass a 5-D --input-shape",
         )
-    normalization = _normalization(source.spec, mean, std)
+    normalization = _normalization(source.spec, mean, std, source.manifest)
 
     work = copy.deepcopy(source.model).eval()
     plan = None

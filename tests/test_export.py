@@ -7,6 +7,7 @@ other case uses tiny models so that the file stays fast on two shared cores.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -592,3 +593,18 @@ def test_predict_library_uses_dynamic_axes_export_shape(tiny_dir: Path, video: P
     assert len(prediction.top) == 4  # top-k is capped at the number of classes
     assert sum(t["probability"] for t in prediction.top) == pytest.approx(1.0)
     assert np.all(np.isfinite([t["logit"] for t in prediction.top]))
+
+
+def test_normalisation_recorded_by_finetune_reaches_the_onnx_metadata(tiny_dir: Path, tmp_path: Path) -> None:
+    """A fine-tuned folder's manifest says how its inputs were normalised; export carries it over."""
+    folder = tmp_path / "finetuned"
+    shutil.copytree(tiny_dir, folder)
+    manifest_path = folder / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    manifest["normalization"] = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
+    manifest_path.write_text(json.dumps(manifest))
+    target = tmp_path / "ft.onnx"
+    export_json(folder, "--onnx", target, "--mode", "fused", "--input-shape", ",".join(map(str, TINY_SHAPE)), "--runs", 0)
+    meta = metadata(target)
+    assert [float(v) for v in meta["stjfd.mean"].split(",")] == [0.0, 0.0, 0.0]
+    assert [float(v) for v in meta["stjfd.std"].split(",")] == [1.0, 1.0, 1.0]
