@@ -360,7 +360,7 @@ def _check_readable_file(path: Path) -> None:
         raise CheckpointError(
             f"checkpoint {path} is a directory",
             hint="pass the checkpoint file itself (a converted-model directory is read by the "
-            "commands that take one, e.g. verify/finetune/export)",
+            "commands that take one, e.g. stjfd export, finetune, report or plan)",
         )
     try:
         size = path.stat().st_size
