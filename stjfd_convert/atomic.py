@@ -53,6 +53,15 @@ def check_writable_target(target: str | os.PathLike[str], *, overwrite: bool = F
     return target
 
 
+def make_staging_dir(target: Path, hint: str = "choose another -o") -> Path:
+    """A new hidden folder ``.<name>.tmp-*`` beside ``target`` (creating its parent folders)."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    except OSError as exc:
+        raise OutputError(f"cannot write to {target.parent}: {_describe_os_error(exc)}", hint) from None
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to ``target``; on success it replaces ``target`` in one rename.
@@ -60,11 +69,7 @@ def atomic_directory(target: str | os.PathLike[str], *, overwrite: bool = False)
     On any exception the temporary folder is removed and ``target`` is left as it was.
     """
     target = check_writable_target(target, overwrite=overwrite)
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    except OSError as exc:
-        raise OutputError(f"cannot write to {target.parent}: {_describe_os_error(exc)}", "choose another -o") from None
+    staging = make_staging_dir(target)
     try:
         yield staging
         _apply_umask(staging, 0o777)

@@ -407,7 +407,7 @@ def _import_av() -> Any:
     except ImportError:
         raise DataError(
             "reading video files needs PyAV, which is not installed",
-            hint="pip install 'stjfd[video]' (or pip install av), or use frame folders",
+            hint="reinstall stjfd (it depends on av) or pip install av; frame folders work without it",
         ) from None
     return av
 

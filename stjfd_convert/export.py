@@ -63,7 +63,6 @@ import math
 import os
 import shutil
 import statistics
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -76,9 +75,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import __version__
-from .atomic import check_writable_target
+from .atomic import check_writable_target, make_staging_dir
 from .errors import ConfigError, OutputError, StjfdError, VerificationError
-from .functional.conv import ConvGeometry, spatial_first_weight, temporal_first_weight
+from .functional.conv import ConvGeometry, pad_amounts, pad_mode, spatial_first_weight, temporal_first_weight
 from .convert import densify, replace_modules
 from .layers import FORMS, MODES, DecomposedConv3d
 from .models import TORCHVISION_VIDEO_ARCHS, ArchSpec, load_model
@@ -227,23 +226,6 @@ def parse_dynamic_axes(axes: str | Sequence[str] | None) -> tuple[str, ...]:
 # --------------------------------------------------------------------------------------------
 
 
-def _pads(geometry: ConvGeometry, axes: Sequence[int]) -> tuple[list[int], tuple[int, int, int], bool]:
-    """Explicit ``F.pad`` amounts and the symmetric zero padding left to the conv, for kernel axes ``axes``."""
-    explicit = [0] * 6  # F.pad order: W before/after, H before/after, T before/after
-    conv_pad = [0, 0, 0]
-    need = False
-    for axis in axes:
-        before, after = geometry.pads[axis]
-        if before == 0 and after == 0:
-            continue
-        if geometry.padding_mode == "zeros" and before == after:
-            conv_pad[axis] = before
-        else:
-            explicit[2 * (2 - axis)], explicit[2 * (2 - axis) + 1] = before, after
-            need = True
-    return explicit, tuple(conv_pad), need  # type: ignore[return-value]
-
-
 class _AxisConv(nn.Module):
     """Shared-weight (depthwise) atom conv along the temporal or the spatial axes.
 
@@ -256,8 +238,8 @@ class _AxisConv(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(atoms_weight.detach().repeat(channels, 1, 1, 1, 1), requires_grad=False)
         axes = (0,) if temporal else (1, 2)
-        self.explicit, self.conv_pad, self.need_pad = _pads(geometry, axes)
-        self.mode = "constant" if geometry.padding_mode == "zeros" else geometry.padding_mode
+        self.explicit, self.conv_pad, self.need_pad = pad_amounts(geometry, axes)
+        self.mode = pad_mode(geometry)
         if temporal:
             self.stride, self.dilation = (geometry.stride[0], 1, 1), (geometry.dilation[0], 1, 1)
         else:
@@ -279,8 +261,8 @@ class _DenseConv(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.explicit, self.conv_pad, self.need_pad = _pads(geometry, axes)
-        self.mode = "constant" if geometry.padding_mode == "zeros" else geometry.padding_mode
+        self.explicit, self.conv_pad, self.need_pad = pad_amounts(geometry, axes)
+        self.mode = pad_mode(geometry)
         self.stride = tuple(geometry.stride[a] if a in axes else 1 for a in range(3))
         self.dilation = tuple(geometry.dilation[a] if a in axes else 1 for a in range(3))
         self.groups = groups
@@ -305,8 +287,8 @@ class _GroupSpatialConv(nn.Module):
         block = spatial_atoms.detach().t().reshape(1, m_s, 1, kh, kw)
         self.weight = nn.Parameter(block.repeat(geometry.out_channels, 1, 1, 1, 1), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.explicit, self.conv_pad, self.need_pad = _pads(geometry, (1, 2))
-        self.mode = "constant" if geometry.padding_mode == "zeros" else geometry.padding_mode
+        self.explicit, self.conv_pad, self.need_pad = pad_amounts(geometry, (1, 2))
+        self.mode = pad_mode(geometry)
         self.stride, self.dilation = (1, *geometry.stride[1:]), (1, *geometry.dilation[1:])
         self.out_channels = geometry.out_channels
 
@@ -1149,11 +1131,7 @@ def _normalization(
 @contextlib.contextmanager
 def _staging_dir(target: Path) -> Iterator[Path]:
     """A hidden temporary folder beside ``target``, removed afterwards whatever happens."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    except OSError as exc:
-        raise OutputError(f"cannot write to {target.parent}: {exc.strerror or exc}", "choose another --onnx path") from None
+    staging = make_staging_dir(target, "choose another --onnx path")
     try:
         yield staging
     finally:

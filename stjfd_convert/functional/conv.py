@@ -166,11 +166,11 @@ class ConvGeometry:
         )
 
 
-def _pad_axes(x: Tensor, geom: ConvGeometry, axes: Sequence[int]) -> tuple[Tensor, tuple[int, int, int]]:
-    """Pad ``x`` along the given kernel axes (0=T, 1=H, 2=W).
+def pad_amounts(geom: ConvGeometry, axes: Sequence[int]) -> tuple[list[int], tuple[int, int, int], bool]:
+    """How to pad kernel axes ``axes`` (0=T, 1=H, 2=W) of a [B, C, T, H, W] input.
 
-    Returns the padded tensor and the symmetric padding still to hand to the conv: for zero padding
-    with equal sides the conv pads itself (no copy); otherwise ``F.pad`` does it here.
+    Returns the explicit ``F.pad`` amounts (W, H, T order), the symmetric zero padding left to the
+    conv (no copy), and whether an explicit ``F.pad`` is needed at all.
     """
     pads = geom.pads
     conv_pad = [0, 0, 0]
@@ -186,10 +186,20 @@ def _pad_axes(x: Tensor, geom: ConvGeometry, axes: Sequence[int]) -> tuple[Tenso
             explicit[2 * (2 - axis)] = before
             explicit[2 * (2 - axis) + 1] = after
             need_pad = True
+    return explicit, tuple(conv_pad), need_pad  # type: ignore[return-value]
+
+
+def pad_mode(geom: ConvGeometry) -> str:
+    """``F.pad`` mode for the geometry's padding_mode."""
+    return "constant" if geom.padding_mode == "zeros" else geom.padding_mode
+
+
+def _pad_axes(x: Tensor, geom: ConvGeometry, axes: Sequence[int]) -> tuple[Tensor, tuple[int, int, int]]:
+    """Pad ``x`` along the given kernel axes; returns it with the padding still left to the conv."""
+    explicit, conv_pad, need_pad = pad_amounts(geom, axes)
     if need_pad:
-        mode = "constant" if geom.padding_mode == "zeros" else geom.padding_mode
-        x = F.pad(x, explicit, mode=mode)
-    return x, tuple(conv_pad)  # type: ignore[return-value]
+        x = F.pad(x, explicit, mode=pad_mode(geom))
+    return x, conv_pad
 
 
 def reconstruct_weight(coefficients: Tensor, temporal_atoms: Tensor, spatial_atoms: Tensor, kernel_size: Sequence[int]) -> Tensor:
