@@ -1285,6 +1285,9 @@ def export_onnx(
     if normalization is not None:
         metadata[f"{META_PREFIX}mean"] = ",".join(repr(float(m)) for m in normalization["mean"])
         metadata[f"{META_PREFIX}std"] = ",".join(repr(float(s)) for s in normalization["std"])
+    classes = ((source.manifest or {}).get("finetune") or {}).get("classes")
+    if isinstance(classes, list) and all(isinstance(c, str) for c in classes):
+        metadata[f"{META_PREFIX}classes"] = json.dumps(classes)  # class names a fine-tuning run trained on
 
     with _staging_dir(target) as staging:
         step(f"exporting ({EXPORTER} exporter, opset {opset})")
@@ -1504,6 +1507,13 @@ def predict(
         raise ConfigError(f"onnxruntime failed on the clip: {first[:300]}", "check that the model was exported by stjfd") from None
     logits = np.asarray(outputs[0], dtype=np.float64).reshape(batch, -1)[0]
     num_classes = logits.shape[0]
+    if label_names is None and f"{META_PREFIX}classes" in meta:
+        try:
+            stored_names = json.loads(meta[f"{META_PREFIX}classes"])
+        except json.JSONDecodeError:
+            stored_names = None
+        if isinstance(stored_names, list) and len(stored_names) == num_classes:
+            label_names = [str(name) for name in stored_names]
     if label_names is not None and len(label_names) < num_classes:
         raise ConfigError(
             f"{labels} has {len(label_names)} labels but the model has {num_classes} classes",

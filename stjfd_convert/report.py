@@ -941,7 +941,7 @@ def write_plot(report: MemoryReport, path: str | os.PathLike[str]) -> Path:
         matplotlib.use("Agg", force=True)
         import matplotlib.pyplot as plt
     except ImportError:
-        raise OutputError("--plot needs matplotlib", "pip install 'stjfd[plot]'") from None
+        raise OutputError("--plot needs matplotlib, which is not installed", "reinstall stjfd or pip install matplotlib") from None
     rows = [r for r in report.layers if r.kind != "linear" or r.params_original]
     fig, (left, right) = plt.subplots(1, 2, figsize=(15, 6.5), gridspec_kw={"width_ratios": [1.5, 1]})
     positions = range(len(rows))

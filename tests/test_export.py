@@ -56,6 +56,7 @@ FORM_ATOL = 1e-5
 
 TINY_SHAPE = (1, 3, 4, 8, 8)
 TINY_PREDICT_SHAPE = (1, 3, 4, 16, 16)
+TINY_CLASSES = 4  # the CLI helpers' tiny model
 TINY_MEAN = (0.4, 0.45, 0.5)
 TINY_STD = (0.25, 0.2, 0.22)
 R3D18_SHAPE = (1, 3, 16, 112, 112)
@@ -608,3 +609,22 @@ def test_normalisation_recorded_by_finetune_reaches_the_onnx_metadata(tiny_dir: 
     meta = metadata(target)
     assert [float(v) for v in meta["stjfd.mean"].split(",")] == [0.0, 0.0, 0.0]
     assert [float(v) for v in meta["stjfd.std"].split(",")] == [1.0, 1.0, 1.0]
+
+
+def test_class_names_of_a_finetuned_folder_reach_predict(tiny_dir: Path, tmp_path: Path, video: Path) -> None:
+    """Without --labels, predict names the classes a fine-tuning run recorded in the manifest."""
+    folder = tmp_path / "named"
+    shutil.copytree(tiny_dir, folder)
+    manifest_path = folder / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    names = [f"class_{i}" for i in range(TINY_CLASSES)]
+    manifest["finetune"] = {"classes": names}
+    manifest["normalization"] = {"mean": list(TINY_MEAN), "std": list(TINY_STD)}
+    manifest_path.write_text(json.dumps(manifest))
+    target = tmp_path / "named.onnx"
+    export_json(folder, "--onnx", target, "--mode", "fused", "--input-shape", ",".join(map(str, TINY_PREDICT_SHAPE)), "--runs", 0)
+    assert json.loads(metadata(target)["stjfd.classes"]) == names
+    outcome = run_cli(["predict", target, video, "--json"])
+    assert outcome.exit_code == 0, outcome.output
+    top = json.loads(outcome.stdout)["top"]
+    assert all(entry["label"] in names for entry in top), top
