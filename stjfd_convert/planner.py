@@ -2,8 +2,9 @@
 
 ``plan_model`` traces the input shape every decomposed layer sees, then either asks the cost model
 (``functional/cost.py``: MACs and bytes per form) or measures every form on that exact input and
-keeps the fastest. ``apply_plan`` stores the choices in the layers (``mode="auto"`` looks them up);
-``save_plan`` writes them into a converted folder's manifest so ``load_converted`` restores them.
+keeps the fastest (``plan_model(timer=...)`` replaces the wall-clock timing, e.g. with fixed times in
+tests). ``apply_plan`` stores the choices in the layers (``mode="auto"`` looks them up); ``save_plan``
+writes them into a converted folder's manifest so ``load_converted`` restores them.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from .saved_model import MANIFEST_FILE, read_manifest
 
 #: A non-fused form must be at least this much faster in measurement to replace fused (noise guard).
 MEASURE_MARGIN = 0.97
+
+#: Times every form of one layer: ``timer(layer, forms, x, repeats) -> {form: seconds}``. ``layer`` is
+#: a private eval-mode copy on the plan's device/dtype; ``x`` a random input of its traced shape.
+FormTimer = Callable[[DecomposedConv3d, Sequence[str], Tensor, int], dict[str, float]]
 
 
 @dataclass
@@ -137,6 +142,12 @@ def _time_forms(layer: DecomposedConv3d, forms: Sequence[str], x: Tensor, repeat
     return best
 
 
+def choose_measured_form(measured: dict[str, float]) -> str:
+    """The form with the lowest measured time, unless it beats fused by less than :data:`MEASURE_MARGIN`."""
+    best = min(measured, key=measured.__getitem__)
+    return best if measured[best] <= MEASURE_MARGIN * measured["fused"] else "fused"
+
+
 def plan_model(
     model: nn.Module,
     input_shape: Sequence[int],
@@ -148,12 +159,14 @@ def plan_model(
     repeats: int = 5,
     forms: Sequence[str] = FORMS,
     progress: Callable[[int, int, str], None] | None = None,
+    timer: FormTimer = _time_forms,
 ) -> ExecutionPlan:
     """Choose a form per DecomposedConv3d for a model input of ``input_shape``.
 
-    ``measure=False``: the cost model decides. ``measure=True``: each form is timed (fastest of
-    ``repeats`` interleaved runs after a warm-up) on a random input of the layer's traced shape; a
-    non-fused form must beat fused by ``MEASURE_MARGIN`` to be chosen.
+    ``measure=False``: the cost model decides. ``measure=True``: ``timer`` times each form on a
+    random input of the layer's traced shape (the default: fastest of ``repeats`` interleaved runs
+    after a warm-up, on the wall clock) and the fastest is chosen (:func:`choose_measured_form`: a
+    non-fused form must beat fused by ``MEASURE_MARGIN``). ``timer`` is never called without ``measure``.
     """
     unknown = [f for f in forms if f not in FORMS]
     if unknown:
@@ -176,9 +189,8 @@ def plan_model(
         if measure:
             probe = copy.deepcopy(layer).to(device=device, dtype=dtype).eval()
             x = torch.randn(shape, device=device, dtype=dtype)
-            measured = _time_forms(probe, forms, x, repeats)
-            best = min(measured, key=measured.__getitem__)
-            form = best if measured[best] <= MEASURE_MARGIN * measured["fused"] else "fused"
+            measured = dict(timer(probe, forms, x, repeats))
+            form = choose_measured_form(measured)
         else:
             form = cheapest_form(*args, device_type)
             if form not in forms:

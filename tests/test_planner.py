@@ -14,7 +14,14 @@ from stjfd_convert.cli.main import app
 from stjfd_convert.functional.conv import ConvGeometry
 from stjfd_convert.functional.cost import FORMS, cheapest_form, form_cost
 from stjfd_convert.models import ArchSpec
-from stjfd_convert.planner import apply_plan, plan_model, save_plan, trace_layer_inputs
+from stjfd_convert.planner import (
+    MEASURE_MARGIN,
+    apply_plan,
+    choose_measured_form,
+    plan_model,
+    save_plan,
+    trace_layer_inputs,
+)
 from stjfd_convert.saved_model import MANIFEST_FILE, save_converted
 
 REL_FP32 = 1e-5
@@ -53,20 +60,88 @@ def _layer(c_in: int, c_out: int, kernel, m_t: int, m_s: int, **kw) -> Decompose
     return DecomposedConv3d(c_in, c_out, kernel, num_temporal_atoms=m_t, num_spatial_atoms=m_s, **kw).eval()
 
 
-def test_measured_plan_picks_obviously_cheaper_forms() -> None:
-    # Layer 0: full rank, 3→2 channels, stride 4 in space: the dense conv is tiny, while every other
-    # form adds an atom pass (temporal ones at full resolution) with a 3-27x wider intermediate.
-    # Layer 2: 1×1 atoms on a wide 7×7 layer: the factorised forms need ~49× fewer MACs.
-    model = nn.Sequential(
+class FakeTimer:
+    """A plan timer returning fixed seconds per form, keyed by the input shape a layer sees."""
+
+    def __init__(self, times: dict[tuple[int, ...], dict[str, float]]) -> None:
+        self.times = times
+        self.calls: list[tuple[DecomposedConv3d, tuple[str, ...], torch.Tensor, int]] = []
+
+    def __call__(self, layer, forms, x, repeats) -> dict[str, float]:
+        self.calls.append((layer, tuple(forms), x, repeats))
+        return dict(self.times[tuple(x.shape)])
+
+
+def _two_layer_model() -> nn.Sequential:
+    return nn.Sequential(
         _layer(3, 2, (3, 3, 3), 3, 9, padding=1, stride=(1, 4, 4)),
         nn.Identity(),
-        _layer(2, 64, (1, 7, 7), 1, 1, padding=(0, 3, 3)),
+        _layer(2, 8, (1, 7, 7), 1, 1, padding=(0, 3, 3)),
     )
-    plan = plan_model(model, (1, 3, 8, 160, 160), measure=True, repeats=5)
-    forms = plan.modes
-    assert forms["0"] == "fused"
-    assert forms["2"] != "fused"
-    assert all(choice.measured and set(choice.measured) == set(FORMS) for choice in plan.layers)
+
+
+TWO_LAYER_SHAPE = (1, 3, 4, 16, 16)
+FIRST_INPUT, SECOND_INPUT = (1, 3, 4, 16, 16), (1, 2, 4, 4, 4)
+
+
+def _times(fastest: str, seconds: float, others: float = 1.0) -> dict[str, float]:
+    return {form: seconds if form == fastest else others for form in FORMS}
+
+
+def test_measured_plan_picks_the_form_with_the_lowest_measured_time() -> None:
+    model = _two_layer_model()
+    times = {FIRST_INPUT: _times("fused", 0.1), SECOND_INPUT: _times("sandwich", 0.2)}
+    timer = FakeTimer(times)
+    plan = plan_model(model, TWO_LAYER_SHAPE, measure=True, repeats=7, timer=timer)
+    assert plan.measured is True
+    assert plan.modes == {"0": "fused", "2": "sandwich"}
+    measured = {choice.name: choice.measured for choice in plan.layers}
+    assert measured == {"0": times[FIRST_INPUT], "2": times[SECOND_INPUT]}
+    # The timer saw a private eval-mode copy of each layer, every form, the traced input and the repeats.
+    assert [tuple(x.shape) for _, _, x, _ in timer.calls] == [FIRST_INPUT, SECOND_INPUT]
+    for (probe, forms, x, repeats), original in zip(timer.calls, (model[0], model[2])):
+        assert probe is not original and not probe.training and isinstance(probe, DecomposedConv3d)
+        assert set(forms) == set(FORMS) and repeats == 7 and x.dtype == torch.float32
+    assert all(m.mode == "fused" for m in model.modules() if isinstance(m, DecomposedConv3d))  # untouched
+    # The choice is what apply_plan stores and what auto mode then runs.
+    apply_plan(model, plan)
+    assert model[0].form_for(torch.empty(FIRST_INPUT)) == "fused"
+    assert model[2].form_for(torch.empty(SECOND_INPUT)) == "sandwich"
+
+
+@pytest.mark.parametrize(
+    ("fastest", "ratio", "chosen"),
+    [("factorized", 0.5, "factorized"), ("factorized", MEASURE_MARGIN, "factorized"),
+     ("factorized", 0.99, "fused"), ("fused", 0.5, "fused")],
+)
+def test_measured_plan_keeps_fused_unless_beaten_by_the_margin(fastest: str, ratio: float, chosen: str) -> None:
+    # fused takes 1 s; the fastest form takes ``ratio`` s; every other form 2 s.
+    seconds = {form: 2.0 for form in FORMS} | {"fused": 1.0, fastest: ratio}
+    timer = FakeTimer({FIRST_INPUT: seconds, SECOND_INPUT: seconds})
+    plan = plan_model(_two_layer_model(), TWO_LAYER_SHAPE, measure=True, timer=timer)
+    assert plan.modes == {"0": chosen, "2": chosen}
+    assert choose_measured_form(seconds) == chosen
+
+
+def test_measured_plan_always_times_fused_and_only_the_forms_asked_for() -> None:
+    timer = FakeTimer({FIRST_INPUT: _times("sandwich", 0.1), SECOND_INPUT: _times("sandwich", 0.1)})
+    plan = plan_model(_two_layer_model(), TWO_LAYER_SHAPE, measure=True, forms=("sandwich",), timer=timer)
+    assert all(forms == ("fused", "sandwich") for _, forms, _, _ in timer.calls)
+    assert plan.modes == {"0": "sandwich", "2": "sandwich"}
+    # Without measure the cost model decides and the timer is never called.
+    unused = FakeTimer({})
+    assert plan_model(_two_layer_model(), TWO_LAYER_SHAPE, timer=unused).measured is False
+    assert unused.calls == []
+
+
+def test_measured_plan_runs_the_real_timer() -> None:
+    # The wall-clock timer: every form gets a finite positive time. Which is faster is not asserted
+    # (a busy machine can invert close calls); the fake-timer tests above cover the choice.
+    plan = plan_model(_two_layer_model(), TWO_LAYER_SHAPE, measure=True, repeats=1)
+    for choice in plan.layers:
+        assert set(choice.measured) == set(FORMS)
+        assert all(0 < seconds < float("inf") for seconds in choice.measured.values())
+        assert choice.form == choose_measured_form(choice.measured)
 
 
 def test_auto_matches_fused_and_follows_plan() -> None:
