@@ -86,6 +86,57 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
+#: How each figure of the report is obtained (``settings["how"]``, the Markdown's last section).
+HOW_MEASURED: dict[str, str] = {
+    "params": "Σ numel of the real modules' parameters; bytes = params × dtype width (int8: 1 byte, no scales)",
+    "macs": "per clip, from each layer's recorded input size; decomposed layers: functional/cost.py "
+    "form_cost of the form their mode runs (auto resolved per input); fused weight rebuild is a cached "
+    "one-off, listed apart; Linear included",
+    "inference": "peak of live tensor storages during a no-grad forward (TorchDispatchMode), "
+    "parameters excluded, input clip included; weights cached by a warm-up forward excluded; by_form measured on the meta device",
+    "training": "saved_tensors_hooks, each storage once (data_ptr); weights = parameters, buffers and "
+    "tensors computed only from them; + params + grads + optimizer state of the trainable subset",
+    "what_fits": "linear fit bytes = a + b·size of measured samples, answer verified by measuring it "
+    "and one step above; on meta (exact sizes, no arithmetic) unless on CUDA",
+}
+
+
+def _check_options(
+    input_shape: Sequence[int],
+    spatial_downsample: int,
+    temporal_downsample: int,
+    steps: int,
+    optimizer: str,
+    memory_budget: int | str | None,
+    frame_size: int | None,
+) -> tuple[tuple[int, ...], int | None]:
+    """The clip shape and the budget in bytes, once every option of ``memory_report`` is valid."""
+    shape = _check_shape(input_shape)
+    if spatial_downsample < 1 or temporal_downsample < 1:
+        raise ConfigError("--spatial-downsample and --temporal-downsample must be ≥ 1", "e.g. 2")
+    if steps < 1:
+        raise ConfigError(f"--steps must be ≥ 1, got {steps}", "e.g. --steps 3")
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"unknown --optimizer {optimizer!r}", f"use one of {', '.join(OPTIMIZERS)}")
+    budget = parse_bytes(memory_budget) if memory_budget is not None else None
+    if frame_size is not None and frame_size <= 0:
+        raise ConfigError(f"--size must be positive, got {frame_size}", "e.g. --size 112")
+    return shape, budget
+
+
+def _compare_inference(
+    model: nn.Module, original: nn.Module, shape: tuple[int, ...], device: str
+) -> InferenceComparison:
+    """Peak inference activations of both models (on CUDA when ``device`` is, else CPU) and of
+    ``model`` with every decomposed layer in each form (on ``meta``)."""
+    inference_device = "cuda" if str(device).startswith("cuda") else "cpu"
+    return InferenceComparison(
+        original=measure_inference_peak(original, shape, device=inference_device),
+        converted=measure_inference_peak(model, shape, device=inference_device),
+        by_form={form: measure_inference_peak(_with_mode(model, form), shape, device="meta").peak_bytes for form in FORMS},
+    )
+
+
 def memory_report(
     model: nn.Module,
     input_shape: Sequence[int],
@@ -109,16 +160,9 @@ def memory_report(
     ``device`` runs the training measurements (``cuda`` adds ``max_memory_allocated``); the
     what-fits searches and the clip sweep run on ``meta`` unless ``device`` is ``cuda``.
     """
-    shape = _check_shape(input_shape)
-    if spatial_downsample < 1 or temporal_downsample < 1:
-        raise ConfigError("--spatial-downsample and --temporal-downsample must be ≥ 1", "e.g. 2")
-    if steps < 1:
-        raise ConfigError(f"--steps must be ≥ 1, got {steps}", "e.g. --steps 3")
-    if optimizer not in OPTIMIZERS:
-        raise ConfigError(f"unknown --optimizer {optimizer!r}", f"use one of {', '.join(OPTIMIZERS)}")
-    budget = parse_bytes(memory_budget) if memory_budget is not None else None
-    if frame_size is not None and frame_size <= 0:
-        raise ConfigError(f"--size must be positive, got {frame_size}", "e.g. --size 112")
+    shape, budget = _check_options(
+        input_shape, spatial_downsample, temporal_downsample, steps, optimizer, memory_budget, frame_size
+    )
     notes: list[str] = []
     original = original if original is not None else densify(model)
     models = {"original": original, "converted": model}
@@ -132,12 +176,7 @@ def memory_report(
     step("layers")
     layers, totals = layer_table(model, original, shape)
     step("inference")
-    inference_device = "cuda" if str(device).startswith("cuda") else "cpu"
-    inference = InferenceComparison(
-        original=measure_inference_peak(original, shape, device=inference_device),
-        converted=measure_inference_peak(model, shape, device=inference_device),
-        by_form={form: measure_inference_peak(_with_mode(model, form), shape, device="meta").peak_bytes for form in FORMS},
-    )
+    inference = _compare_inference(model, original, shape, device)
     schedules: list[ScheduleMemory] = []
     if training:
         schedules = measure_schedules(
@@ -168,18 +207,7 @@ def memory_report(
         "modes": modes,
         "memory_budget": budget,
         "frame_size": frame_size or shape[3],
-        "how": {
-            "params": "Σ numel of the real modules' parameters; bytes = params × dtype width (int8: 1 byte, no scales)",
-            "macs": "per clip, from each layer's recorded input size; decomposed layers: functional/cost.py "
-            "form_cost of the form their mode runs (auto resolved per input); fused weight rebuild is a cached "
-            "one-off, listed apart; Linear included",
-            "inference": "peak of live tensor storages during a no-grad forward (TorchDispatchMode), "
-            "parameters excluded, input clip included; weights cached by a warm-up forward excluded; by_form measured on the meta device",
-            "training": "saved_tensors_hooks, each storage once (data_ptr); weights = parameters, buffers and "
-            "tensors computed only from them; + params + grads + optimizer state of the trainable subset",
-            "what_fits": "linear fit bytes = a + b·size of measured samples, answer verified by measuring it "
-            "and one step above; on meta (exact sizes, no arithmetic) unless on CUDA",
-        },
+        "how": dict(HOW_MEASURED),
     }
     return MemoryReport(source, shape, layers, totals, inference, schedules, sweep, fits, settings, notes)
 
