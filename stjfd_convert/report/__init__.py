@@ -45,8 +45,15 @@ from .core import (
     memory_report,
 )
 from .files import markdown, write_markdown, write_plot
-from .fits import SWEEP_SCHEDULES, FitAnswer, SweepPoint, WhatFits, clip_sweep, what_fits
-from .schedules import FIT_SCHEDULES, TRAINING_SCHEDULES, Schedule, ScheduleMemory, measure_schedules
+from .fits import FitAnswer, SweepPoint, WhatFits, clip_sweep, what_fits
+from .schedules import (
+    FIT_SCHEDULES,
+    SWEEP_SCHEDULES,
+    TRAINING_SCHEDULES,
+    Schedule,
+    ScheduleMemory,
+    measure_schedules,
+)
 
 __all__ = [
     "DTYPE_BYTES",

@@ -55,8 +55,28 @@ def parse_bytes(text: str | int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+class ParamBytes:
+    """Parameter bytes at each dtype width, for a dataclass with ``params_original``/``params_converted``."""
+
+    params_original: int
+    params_converted: int
+
+    def bytes_original(self, dtype: str = "fp32") -> int:
+        return self.params_original * DTYPE_BYTES[dtype]
+
+    def bytes_converted(self, dtype: str = "fp32") -> int:
+        return self.params_converted * DTYPE_BYTES[dtype]
+
+    def bytes_by_dtype(self) -> dict[str, dict[str, int]]:
+        """``bytes_original`` and ``bytes_converted`` at every width in :data:`DTYPE_BYTES` (for ``to_dict``)."""
+        return {
+            "bytes_original": {d: self.bytes_original(d) for d in DTYPE_BYTES},
+            "bytes_converted": {d: self.bytes_converted(d) for d in DTYPE_BYTES},
+        }
+
+
 @dataclass
-class LayerMemory:
+class LayerMemory(ParamBytes):
     """One Conv3d / DecomposedConv3d / Linear layer: original vs converted, per clip (batch 1).
 
     ``macs_by_form``: MACs of each execution form (``form_cost``; empty for non-decomposed layers).
@@ -84,21 +104,12 @@ class LayerMemory:
     output_bytes: int = 0
     intermediate_bytes: int = 0
 
-    def bytes_original(self, dtype: str = "fp32") -> int:
-        return self.params_original * DTYPE_BYTES[dtype]
-
-    def bytes_converted(self, dtype: str = "fp32") -> int:
-        return self.params_converted * DTYPE_BYTES[dtype]
-
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["bytes_original"] = {d: self.bytes_original(d) for d in DTYPE_BYTES}
-        data["bytes_converted"] = {d: self.bytes_converted(d) for d in DTYPE_BYTES}
-        return data
+        return asdict(self) | self.bytes_by_dtype()
 
 
 @dataclass
-class ModelTotals:
+class ModelTotals(ParamBytes):
     """Whole-model figures (parameters of every module, not only the layers listed)."""
 
     params_original: int
@@ -109,12 +120,6 @@ class ModelTotals:
     decomposed_layers: int
     conv_layers: int
 
-    def bytes_original(self, dtype: str = "fp32") -> int:
-        return self.params_original * DTYPE_BYTES[dtype]
-
-    def bytes_converted(self, dtype: str = "fp32") -> int:
-        return self.params_converted * DTYPE_BYTES[dtype]
-
     @property
     def param_ratio(self) -> float:
         return self.params_converted / self.params_original if self.params_original else 1.0
@@ -124,9 +129,7 @@ class ModelTotals:
         return self.macs_converted / self.macs_original if self.macs_original else 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["bytes_original"] = {d: self.bytes_original(d) for d in DTYPE_BYTES}
-        data["bytes_converted"] = {d: self.bytes_converted(d) for d in DTYPE_BYTES}
+        data = asdict(self) | self.bytes_by_dtype()
         data["param_ratio"] = self.param_ratio
         data["mac_ratio"] = self.mac_ratio
         return data

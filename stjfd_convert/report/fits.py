@@ -10,7 +10,7 @@ from torch import nn
 
 from ..memory import MeasurementError, SizeSearch, measure_training_step, search_max_size
 from ..stages import stage_clip_shape
-from .schedules import FIT_SCHEDULES, Schedule
+from .schedules import FIT_SCHEDULES, SWEEP_SCHEDULES, Schedule
 
 
 @dataclass
@@ -161,15 +161,6 @@ class SweepPoint:
 
     frames: int
     total_bytes: dict[str, int]
-
-
-SWEEP_SCHEDULES = (
-    Schedule("original_joint", "original joint", "original", ("joint",), False),
-    Schedule("joint", "converted joint", "converted", ("joint",), False),
-    Schedule("temporal", "temporal stage (H/s, W/s)", "converted", ("temporal",), False),
-    Schedule("spatial", "spatial stage (T/r)", "converted", ("spatial",), False),
-    Schedule("checkpointing", "converted + checkpointing", "converted", ("joint",), True),
-)
 
 
 def clip_sweep(

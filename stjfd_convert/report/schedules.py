@@ -26,23 +26,39 @@ class Schedule:
     checkpointing: bool
 
 
+# The three baselines every table compares against.
+ORIGINAL_JOINT = Schedule("original_joint", "original joint", "original", ("joint",), False)
+CONVERTED_JOINT = Schedule("joint", "converted joint", "converted", ("joint",), False)
+CONVERTED_CHECKPOINTING = Schedule("checkpointing", "converted + checkpointing", "converted", ("joint",), True)
+
+#: Measured one by one in the report's training table.
 TRAINING_SCHEDULES = (
-    Schedule("original_joint", "original joint", "original", ("joint",), False),
+    ORIGINAL_JOINT,
     Schedule("original_checkpointing", "original + checkpointing", "original", ("joint",), True),
-    Schedule("joint", "converted joint", "converted", ("joint",), False),
-    Schedule("checkpointing", "converted + checkpointing", "converted", ("joint",), True),
+    CONVERTED_JOINT,
+    CONVERTED_CHECKPOINTING,
     Schedule("temporal", "temporal stage", "converted", ("temporal",), False),
     Schedule("spatial", "spatial stage", "converted", ("spatial",), False),
     Schedule("temporal_checkpointing", "temporal + checkpointing", "converted", ("temporal",), True),
     Schedule("spatial_checkpointing", "spatial + checkpointing", "converted", ("spatial",), True),
 )
 
+#: Searched in a memory budget (``fits.what_fits``).
 FIT_SCHEDULES = (
-    Schedule("original_joint", "original joint", "original", ("joint",), False),
-    Schedule("joint", "converted joint", "converted", ("joint",), False),
-    Schedule("checkpointing", "converted + checkpointing", "converted", ("joint",), True),
+    ORIGINAL_JOINT,
+    CONVERTED_JOINT,
+    CONVERTED_CHECKPOINTING,
     Schedule("alternating", "alternating stages", "converted", ("temporal", "spatial"), False),
     Schedule("alternating_checkpointing", "alternating + checkpointing", "converted", ("temporal", "spatial"), True),
+)
+
+#: Measured against clip length for the plot (``fits.clip_sweep``).
+SWEEP_SCHEDULES = (
+    ORIGINAL_JOINT,
+    CONVERTED_JOINT,
+    Schedule("temporal", "temporal stage (H/s, W/s)", "converted", ("temporal",), False),
+    Schedule("spatial", "spatial stage (T/r)", "converted", ("spatial",), False),
+    CONVERTED_CHECKPOINTING,
 )
 
 
