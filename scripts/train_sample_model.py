@@ -115,7 +115,7 @@ def train_sample_model(
         raise RuntimeError("training finished without a validation result")
     state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
     weights, info_path = output / WEIGHTS_FILE, output / INFO_FILE
-    with atomic_file(weights) as staging:
+    with atomic_file(weights, "internal") as staging:
         save_file(state, str(staging), metadata={"format": INFO_FORMAT})
     info = {
         "format": INFO_FORMAT,
@@ -149,7 +149,7 @@ def train_sample_model(
         "seed": settings.seed,
         "command": command,
     }
-    with atomic_file(info_path) as staging:
+    with atomic_file(info_path, "internal") as staging:
         staging.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return TrainOutcome(weights, info_path, info, time.perf_counter() - start)
 

@@ -75,12 +75,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import __version__
-from .atomic import check_writable_target, make_staging_dir
-from .errors import ConfigError, OutputError, StjfdError, VerificationError
+from .atomic import check_output, make_staging_dir
+from .errors import ConfigError, StjfdError, VerificationError
 from .functional.conv import ConvGeometry, pad_amounts, pad_mode, spatial_first_weight, temporal_first_weight
 from .convert import densify, replace_modules
 from .layers import FORMS, MODES, DecomposedConv3d
-from .models import TORCHVISION_VIDEO_ARCHS, ArchSpec, load_model
+from .models import TORCHVISION_VIDEO_ARCHS, ArchSpec, load_model, model_source_paths
 from .parity import flatten_outputs, make_input, run_model
 from .saved_model import is_converted_dir, load_converted
 
@@ -1082,17 +1082,18 @@ def _load_source(
     model: str | None,
     model_kwargs: Mapping[str, Any] | None,
     trust_pickle: bool,
+    trust_code: bool = False,
 ) -> _Source:
     if isinstance(model_or_dir, nn.Module):
         return _Source(model_or_dir, type(model_or_dir).__name__, None, None, None)
     path = Path(model_or_dir)
     if path.is_dir() or is_converted_dir(path):
-        if arch is not None or model is not None:
+        if arch is not None:
             raise ConfigError(
-                f"{path} is a converted-model folder; --arch/--model are for checkpoints",
-                "drop --arch/--model (the folder's manifest names its architecture)",
+                f"{path} is a converted-model folder; --arch is for checkpoints",
+                "drop --arch (the folder's manifest names its architecture)",
             )
-        converted = load_converted(path, trust_pickle=trust_pickle)
+        converted = load_converted(path, trust_pickle=trust_pickle, trust_code=trust_code, model=model)
         shape = (converted.manifest.get("input") or {}).get("shape")
         spec = converted.spec
         if shape is None:
@@ -1181,6 +1182,8 @@ def export_onnx(
     model: str | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     trust_pickle: bool = False,
+    trust_code: bool = False,
+    force: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export a converted folder, a checkpoint (with ``arch``/``model``) or a module to ONNX at ``path``.
@@ -1190,6 +1193,8 @@ def export_onnx(
     (``runs`` > 0) the median ORT latency of ``runs`` runs at ``input_shape``. ``compare`` also exports
     the dense original (:func:`densify`) to a temporary file for its size, parameters and latency.
     Raises :class:`ExportValidationError` (file removed unless ``keep_invalid``) when validation fails.
+    An existing ``path`` is replaced only with ``force`` and only if stjfd exported it
+    (:mod:`stjfd_convert.atomic`); ``trust_code`` allows the builder a converted folder's manifest names.
 
     ``measure`` (with ``mode="auto"``): the forms come from :func:`plan_onnxruntime` at the export
     shape with ``threads`` (``measure_repeats`` interleaved rounds per layer) instead of a stored
@@ -1215,17 +1220,18 @@ def export_onnx(
     tolerance = float(atol) if atol is not None else (FP16_ATOL if fp16 else DEFAULT_ATOL)
     if not tolerance > 0:
         raise ConfigError(f"--atol must be > 0, got {atol}", "e.g. --atol 1e-4")
-    target = Path(path).expanduser()
-    if target.is_dir():
-        raise OutputError(f"{target} is a folder", "pass the path of the .onnx file to write, e.g. --onnx model.onnx")
-    target = check_writable_target(target, overwrite=True)
+    sources = [] if isinstance(model_or_dir, nn.Module) else [model_or_dir, *model_source_paths(model)]
+    target = check_output(Path(path), "onnx", force=force, inputs=sources)
     # Fail on a missing dependency before any long work.
     onnx = _import_onnx()
     if validate or runs > 0 or compare or measure:
         _import_ort()
 
     step("loading the model")
-    source = _load_source(model_or_dir, arch=arch, model=model, model_kwargs=model_kwargs, trust_pickle=trust_pickle)
+    source = _load_source(
+        model_or_dir, arch=arch, model=model, model_kwargs=model_kwargs, trust_pickle=trust_pickle,
+        trust_code=trust_code,
+    )
     shape = tuple(int(s) for s in input_shape) if input_shape else source.input_shape
     if shape is None:
         raise ConfigError(

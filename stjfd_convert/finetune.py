@@ -56,6 +56,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -70,8 +71,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Sampler
 
-from .atomic import atomic_directory, atomic_file, check_writable_target
+from .atomic import atomic_directory, atomic_file, check_output
+from . import __version__
 from .errors import ConfigError, StjfdError
+from .formats import (
+    BEST_DIR,
+    CONFIG_FILE,
+    CURVE_FILE,
+    LAST_DIR,
+    LOG_FILE,
+    METRICS_FILE,
+    PNG_SOFTWARE,
+    RUN_FORMAT,
+    STATE_FILE,
+)
 from .memory import storage_key
 from .models import ArchSpec
 from .stages import disable_activation_checkpointing, enable_activation_checkpointing, set_trainable
@@ -121,16 +134,8 @@ AMP_DTYPES = ("auto", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 DOWNSAMPLE_MODES = ("area", "bilinear")
 
-RUN_FORMAT = "stjfd-finetune-run"
 STATE_FORMAT = "stjfd-training-state"
 STATE_VERSION = 1
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
-LOG_FILE = "run.log"
-CURVE_FILE = "training_curve.png"
-STATE_FILE = "training_state.pt"
-LAST_DIR = "last"
-BEST_DIR = "best"
 
 # BN re-estimation draws its batches from the training loader under epochs of their own, so that it
 # never replays (or shifts) the augmentation of a training epoch.
@@ -151,11 +156,14 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C / SIGTERM / a callback's KeyboardInterrupt: the step finished and ``last/`` was saved
     (``checkpoint`` is None when no run folder was given or nothing could be saved)."""
 
-    def __init__(self, message: str, checkpoint: Path | None, position: Mapping[str, int]) -> None:
+    def __init__(
+        self, message: str, checkpoint: Path | None, position: Mapping[str, int], signal_name: str = "SIGINT"
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.checkpoint = checkpoint
         self.position = dict(position)
+        self.signal_name = signal_name  # SIGINT, SIGTERM, or KeyboardInterrupt (raised by a callback)
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,10 +518,14 @@ class FinetuneResult:
     steps: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    changed: bool = True  # False: a resumed run that had finished (nothing on disk was touched)
+    saved: list[str] = field(default_factory=list)  # what the run folder holds: last/, best/, metrics.jsonl…
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "run_dir": str(self.run_dir) if self.run_dir else None,
+            "changed": self.changed,
+            "saved": self.saved,
             "config": self.config.to_dict(),
             "classes": self.classes,
             "stages": [s.to_dict() for s in self.stages],
@@ -1161,8 +1173,8 @@ def plot_training_curve(records: Sequence[Mapping[str, Any]], path: str | Path, 
     if title:
         fig.suptitle(title, fontsize=11)
     path = Path(path)
-    with atomic_file(path) as staging:
-        fig.savefig(staging, dpi=110, format="png")
+    with atomic_file(path, "internal") as staging:
+        fig.savefig(staging, dpi=110, format="png", metadata={"Software": f"{PNG_SOFTWARE} {__version__}"})
     plt.close(fig)
     return path
 
@@ -1231,6 +1243,8 @@ class _Trainer:
         run_info: Mapping[str, Any] | None,
         state: Mapping[str, Any] | None,
         dist: _Dist,
+        inputs: Sequence[str | Path] = (),
+        datasets: Sequence[str | Path] = (),
     ) -> None:
         from .data import make_loader
 
@@ -1312,6 +1326,9 @@ class _Trainer:
         if isinstance(self.loss_fn, nn.Module):
             self.loss_fn.to(self.device)
         self.overwrite = overwrite
+        self.inputs, self.datasets = list(inputs), list(datasets)
+        self.created_run_dir = False  # by this process: removed again if the run fails before any checkpoint
+        self.checkpoints_saved = 0
 
     # ---- callbacks, files -----------------------------------------------------------------------
 
@@ -1344,10 +1361,13 @@ class _Trainer:
                 "world_size": self.dist.world_size,
                 **self.run_info,
             }
-            with atomic_directory(self.run_dir, overwrite=self.overwrite) as staging:
+            with atomic_directory(
+                self.run_dir, "run", force=self.overwrite, inputs=self.inputs, datasets=self.datasets
+            ) as staging:
                 text = json.dumps(_clean(config_json), indent=2, default=_json_default)
                 (staging / CONFIG_FILE).write_text(text + "\n")
                 (staging / METRICS_FILE).write_text("")
+            self.created_run_dir = True
         self.dist.barrier()
         self._log(
             f"started: {len(self.plans)} stages, {self.config.total_epochs} epochs, world size {self.dist.world_size}"
@@ -1451,7 +1471,7 @@ class _Trainer:
             if wrapped:
                 disable_activation_checkpointing(self.model)
             try:
-                with atomic_directory(target, overwrite=True) as staging:
+                with atomic_directory(target, "converted", force=True) as staging:
                     write_converted_files(self.model, manifest, staging)
                     if state is not None:
                         torch.save(dict(state), staging / STATE_FILE)
@@ -1459,6 +1479,7 @@ class _Trainer:
                 if wrapped:
                     enable_activation_checkpointing(self.model)
         self.dist.barrier()
+        self.checkpoints_saved += 1
         self.emit(CheckpointSaved(kind, target, epoch))
         return target
 
@@ -1833,10 +1854,48 @@ class _Trainer:
     # ---- the run -------------------------------------------------------------------------------
 
     def run(self) -> FinetuneResult:
+        """Train from the current position; a resumed run that had finished returns at once, touching nothing."""
         start = time.perf_counter()
+        if self.resumed and self.position.stage >= len(self.plans):
+            self.notes.append("the run had already finished: nothing was trained and no file was changed")
+            stages = [StageSummary.from_dict(self.stage_summaries[p.index]) for p in self.plans
+                      if p.index in self.stage_summaries]
+            return self._result(start, stages, changed=False)
+        try:
+            return self._run(start)
+        except TrainingInterrupted:
+            raise
+        except BaseException:
+            self._remove_empty_run()
+            raise
+
+    def _remove_empty_run(self) -> None:
+        """A run that fails before its first checkpoint leaves nothing: its folder is removed, so the
+        rerun needs no --force. Only a folder this process created, and only while it holds no checkpoint."""
+        if not (self.created_run_dir and self.checkpoints_saved == 0 and self.dist.main and self.run_dir is not None):
+            return
+        if not any((self.run_dir / name).exists() for name in (LAST_DIR, BEST_DIR)):
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.notes.append(f"removed {self.run_dir}: the run failed before its first checkpoint")
+
+    def _result(self, start: float, stages: list[StageSummary], *, changed: bool = True) -> FinetuneResult:
+        return FinetuneResult(
+            run_dir=self.run_dir, config=self.config, classes=self.classes, stages=stages,
+            epochs=list(self.history), best_top1=self.best_top1, best_epoch=self.best_epoch, final=self.final,
+            skipped=list(self.skipped), world_size=self.dist.world_size, device=str(self.device),
+            steps=self.position.step, seconds=time.perf_counter() - start, notes=self.notes, changed=changed,
+            saved=self._saved_entries(),
+        )
+
+    def _saved_entries(self) -> list[str]:
+        if self.run_dir is None:
+            return []
+        names = [f"{LAST_DIR}/", f"{BEST_DIR}/", METRICS_FILE, CONFIG_FILE, LOG_FILE, CURVE_FILE]
+        return [name for name in names if (self.run_dir / name.rstrip("/")).exists()]
+
+    def _run(self, start: float) -> FinetuneResult:
         resumed_from = self.position.to_dict() if self.resumed else None
-        finished = self.position.stage >= len(self.plans)
-        if self.resumed and not finished:
+        if self.resumed:
             self._truncate_metrics()
             self._write_record({"type": "resumed", **self.position.to_dict()})
             self._log(
@@ -1882,12 +1941,7 @@ class _Trainer:
                 disable_activation_checkpointing(self.model)
             self.model.eval()
         self._log("finished")
-        return FinetuneResult(
-            run_dir=self.run_dir, config=self.config, classes=self.classes, stages=stage_results,
-            epochs=list(self.history), best_top1=self.best_top1, best_epoch=self.best_epoch, final=self.final,
-            skipped=list(self.skipped), world_size=self.dist.world_size, device=str(self.device),
-            steps=self.position.step, seconds=time.perf_counter() - start, notes=self.notes,
-        )
+        return self._result(start, stage_results)
 
     def _interrupt(self, flag: _SignalFlag, saved: bool = False) -> None:
         reason = flag.signal_name or "KeyboardInterrupt"
@@ -1904,7 +1958,7 @@ class _Trainer:
         message = f"interrupted at {where}"
         if target is not None:
             message += f"; saved {target} — resume with: stjfd finetune {self.run_dir} --resume"
-        raise TrainingInterrupted(message, target, self.position.to_dict())
+        raise TrainingInterrupted(message, target, self.position.to_dict(), reason)
 
     def _truncate_metrics(self) -> None:
         """Drop records written after the saved position (a crash between a record and the checkpoint)."""
@@ -1912,7 +1966,7 @@ class _Trainer:
             return
         path = self.run_dir / METRICS_FILE
         keep = [r for r in read_metrics(self.run_dir) if int(r.get("step", 0)) <= self.position.step]
-        with atomic_file(path) as staging:
+        with atomic_file(path, "internal") as staging:
             staging.write_text("".join(json.dumps(r, default=_json_default) + "\n" for r in keep), encoding="utf-8")
 
 
@@ -1964,23 +2018,26 @@ def finetune(
     classes: Sequence[str] | None = None,
     overwrite: bool = False,
     run_info: Mapping[str, Any] | None = None,
+    inputs: Sequence[str | Path] = (),
+    datasets: Sequence[str | Path] = (),
 ) -> FinetuneResult:
     """Fine-tune ``model`` (in place; converted or plain) on ``train_dataset`` with ``config``'s schedule.
 
     Items of the datasets are ``(clip [C, T, H, W], label)`` (``stjfd_convert.data`` datasets); validation
     clips may be ``[K, C, T, H, W]``. With ``run_dir`` the run folder is written (``spec`` — the model's
     :class:`ArchSpec` — makes ``last/``/``best/`` loadable without pickles; ``overwrite`` replaces an existing
-    folder). ``run_info`` adds fields to config.json (the CLI records data options and the model source there
+    run folder, never anything else, nor one of ``inputs`` or ``datasets``: :mod:`stjfd_convert.atomic`). ``run_info`` adds fields to config.json (the CLI records data options and the model source there
     so that :func:`resume` can rebuild everything). Raises :class:`TrainingInterrupted` on Ctrl-C and
     :class:`NonFiniteLossError` when the loss diverges. The model is returned to eval mode.
     """
     config = config or FinetuneConfig()
     if run_dir is not None and os.environ.get("RANK", "0") == "0":
-        check_writable_target(run_dir, overwrite=overwrite)
+        check_output(run_dir, "run", force=overwrite, inputs=inputs, datasets=datasets)
     return _train(
         lambda dist: _Trainer(
             model, train_dataset, val_dataset, config, callbacks=callbacks, loss_fn=loss_fn, run_dir=run_dir,
             spec=spec, classes=classes, overwrite=overwrite, run_info=run_info, state=None, dist=dist,
+            inputs=inputs, datasets=datasets,
         ),
         config,
     )
@@ -2047,8 +2104,14 @@ def resume(
     progress: Callable[[int, int], None] | None = None,
     workers: int | None = None,
     plot: bool | None = None,
+    trust_code: bool = False,
+    model: str | None = None,
 ) -> FinetuneResult:
     """Continue the run in ``run_dir`` from ``last/`` exactly where it stopped.
+
+    A run that had finished is left exactly as it is (``result.changed`` is False). ``trust_code``
+    (or ``model``, the same builder named again) allows the builder named by the run's manifest
+    (see :func:`stjfd_convert.saved_model.load_converted`).
 
     Without datasets they are rebuilt from the data options recorded in config.json (``data_root``
     overrides a moved dataset root). Same seed on CPU ⇒ the same final weights and metrics as a run that
@@ -2065,7 +2128,7 @@ def resume(
         config = replace(config, workers=workers)
     if plot is not None:
         config = replace(config, plot=plot)
-    loaded = load_converted(run_dir / LAST_DIR, trust_pickle=trust_pickle)
+    loaded = load_converted(run_dir / LAST_DIR, trust_pickle=trust_pickle, trust_code=trust_code, model=model)
     if train_dataset is None:
         data = info.get("data")
         if not data:
@@ -2080,15 +2143,13 @@ def resume(
             "resume with the dataset the run was started on",
         )
     run_info = {k: v for k, v in info.items() if k not in ("format", "version", "finetune", "classes", "world_size")}
-    finished = int(state["position"]["stage"]) >= len(stage_plan(config))
     return _train(
         lambda dist: _Trainer(
             loaded.model.train(), train_dataset, val_dataset, config, callbacks=callbacks, loss_fn=loss_fn,
-            run_dir=run_dir, spec=loaded.spec, classes=classes or None, overwrite=True, run_info=run_info,
+            run_dir=run_dir, spec=loaded.spec, classes=classes or None, overwrite=False, run_info=run_info,
             state=state, dist=dist,
         ),
         config,
-        note="the run had already finished; nothing left to train" if finished else None,
     )
 
 
@@ -2125,15 +2186,16 @@ def _load_any_model(
     model: str | None,
     model_kwargs: Mapping[str, Any] | None,
     trust_pickle: bool,
+    trust_code: bool = False,
 ) -> tuple[nn.Module, ArchSpec, dict[str, Any]]:
     from .models import load_model
     from .saved_model import is_converted_dir, load_converted
 
     source = Path(source)
     if is_converted_dir(source):
-        if arch or model:
-            raise ConfigError(f"{source} is a converted-model folder; --arch/--model do not apply", "drop them")
-        loaded = load_converted(source, trust_pickle=trust_pickle)
+        if arch:
+            raise ConfigError(f"{source} is a converted-model folder; --arch does not apply", "drop it")
+        loaded = load_converted(source, trust_pickle=trust_pickle, trust_code=trust_code, model=model)
         return loaded.model, loaded.spec, {"source": str(source), "kind": "converted"}
     if source.is_dir():
         raise ConfigError(
@@ -2163,6 +2225,7 @@ def finetune_paths(
     model: str | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     trust_pickle: bool = False,
+    trust_code: bool = False,
     overwrite: bool = False,
     command: str | None = None,
     callbacks: Sequence[Callback] = (),
@@ -2178,11 +2241,15 @@ def finetune_paths(
     from .data import normalization_for
     from .models import TORCHVISION_VIDEO_ARCHS
 
+    from .models import model_source_paths
+
     is_main = os.environ.get("RANK", "0") == "0"
+    inputs, datasets = [model_source, *model_source_paths(model)], [data_root]
     if is_main:
-        check_writable_target(output, overwrite=overwrite)
+        check_output(output, "run", force=overwrite, inputs=inputs, datasets=datasets)
     net, spec, source_info = _load_any_model(
-        model_source, arch=arch, model=model, model_kwargs=model_kwargs, trust_pickle=trust_pickle
+        model_source, arch=arch, model=model, model_kwargs=model_kwargs, trust_pickle=trust_pickle,
+        trust_code=trust_code,
     )
     if mean is None and std is None and spec.kind == "torchvision" and spec.name in TORCHVISION_VIDEO_ARCHS:
         mean, std = normalization_for(spec.name)
@@ -2201,7 +2268,7 @@ def finetune_paths(
     info = {"data": data, "model": {**source_info, "spec": spec.to_dict()}, "command": command}
     result = finetune(
         net, train_ds, val_ds, config, callbacks=callbacks, loss_fn=loss_fn, run_dir=output, spec=spec,
-        classes=classes, overwrite=overwrite, run_info=info,
+        classes=classes, overwrite=overwrite, run_info=info, inputs=inputs, datasets=datasets,
     )
     if note:
         result.notes.insert(0, note)
@@ -2223,6 +2290,7 @@ def evaluate_folder(
     device: str = "auto",
     amp: bool = False,
     trust_pickle: bool = False,
+    trust_code: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[EvalResult, list[tuple[str, str]]]:
     """Evaluate a saved model folder (``runs/x/best``, or any converted model) on a labelled split.
@@ -2235,7 +2303,7 @@ def evaluate_folder(
     from .models import TORCHVISION_VIDEO_ARCHS
     from .saved_model import load_converted
 
-    loaded = load_converted(model_dir, trust_pickle=trust_pickle)
+    loaded = load_converted(model_dir, trust_pickle=trust_pickle, trust_code=trust_code)
     recorded = (loaded.manifest.get("finetune") or {}) if isinstance(loaded.manifest.get("finetune"), dict) else {}
     clip = recorded.get("clip") or {}
     classes = recorded.get("classes")

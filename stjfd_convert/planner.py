@@ -247,7 +247,7 @@ def save_plan(directory: str | Path, plan: ExecutionPlan) -> Path:
     }
     manifest["plans"] = [*plans, summary]
     path = directory / MANIFEST_FILE
-    with atomic_file(path) as staging:
+    with atomic_file(path, "internal") as staging:  # stjfd's own manifest, updated in place
         staging.write_text(json.dumps(manifest, indent=2) + "\n")
     return path
 

@@ -19,16 +19,14 @@ from torch import nn
 
 from . import __version__
 from .atomic import atomic_directory
-from .errors import ConvertedModelError, StjfdError
+from .errors import ConfigError, ConvertedModelError, StjfdError
+from .formats import CONVERTED_FORMAT, MANIFEST_FILE, PICKLE_FILE, WEIGHTS_FILE
 from .convert import replace_modules
 from .layers import DecomposedConv3d
-from .models import ArchSpec, build_model
+from .models import ArchSpec, build_model, is_trusted_builder
 
-FORMAT = "stjfd-converted"
+FORMAT = CONVERTED_FORMAT
 FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-MANIFEST_FILE = "model.stjfd.json"
-PICKLE_FILE = "model.pt"  # only for architectures that exist solely as a pickled module
 
 
 def _versions() -> dict[str, str]:
@@ -102,14 +100,17 @@ def save_converted(
     spec: ArchSpec,
     *,
     overwrite: bool = False,
+    inputs: Sequence[str | Path] = (),
     **manifest_fields: Any,
 ) -> Path:
     """Save a converted model atomically into ``directory``; returns the folder.
 
-    ``manifest_fields`` go to ``build_manifest`` (source, sha256, input_shape, command, …).
+    ``overwrite`` replaces an existing converted folder (never anything else, never one of ``inputs``:
+    :mod:`stjfd_convert.atomic`). ``manifest_fields`` go to ``build_manifest`` (source, sha256,
+    input_shape, command, …).
     """
     manifest = build_manifest(model, spec, **manifest_fields)
-    with atomic_directory(directory, overwrite=overwrite) as staging:
+    with atomic_directory(directory, "converted", force=overwrite, inputs=inputs) as staging:
         write_converted_files(model, manifest, staging)
     return Path(directory)
 
@@ -162,9 +163,39 @@ class ConvertedModel:
         return ArchSpec.from_dict(self.manifest["architecture"])
 
 
-def rebuild_skeleton(manifest: Mapping[str, Any], *, trust_pickle: bool = False, directory: Path | None = None) -> nn.Module:
-    """The converted architecture with correctly shaped (not yet loaded) parameters."""
+def check_builder_trusted(spec: ArchSpec, *, trust_code: bool, model: str | None, directory: Path | None) -> None:
+    """Refuse to import/call a builder named by a manifest (data from disk) unless the user opted in.
+
+    torchvision's registry and stjfd's own builders are allowed by name; any other callable needs
+    ``trust_code`` or the same ``--model`` given again on the command line.
+    """
+    if model is not None and spec.kind == "callable" and model != spec.name:
+        raise ConfigError(
+            f"--model {model!r} differs from the builder {spec.name!r} that {directory or 'the folder'} was saved with",
+            f"drop --model, or pass --model {spec.name}",
+        )
+    if spec.kind != "callable" or trust_code or model == spec.name or is_trusted_builder(spec.name):
+        return
+    raise ConvertedModelError(
+        f"{directory or 'the folder'} names the builder {spec.name!r}: loading it would import and run that code",
+        f"if you trust this folder and that code, pass --trust-code (or --model {spec.name})",
+    )
+
+
+def rebuild_skeleton(
+    manifest: Mapping[str, Any],
+    *,
+    trust_pickle: bool = False,
+    trust_code: bool = False,
+    model: str | None = None,
+    directory: Path | None = None,
+) -> nn.Module:
+    """The converted architecture with correctly shaped (not yet loaded) parameters.
+
+    Builders named by the manifest run only when :func:`check_builder_trusted` allows it.
+    """
     spec = ArchSpec.from_dict(manifest["architecture"])
+    check_builder_trusted(spec, trust_code=trust_code, model=model, directory=directory)
     if spec.kind == "pickle":
         if directory is None or not (directory / PICKLE_FILE).is_file():
             raise ConvertedModelError(f"the pickled architecture {PICKLE_FILE} is missing", "re-run `stjfd convert`")
@@ -174,11 +205,11 @@ def rebuild_skeleton(manifest: Mapping[str, Any], *, trust_pickle: bool = False,
                 "if you trust it, pass --trust-pickle",
             )
         return torch.load(directory / PICKLE_FILE, map_location="cpu", weights_only=False)
-    model = build_model(spec)
+    net = build_model(spec)
     replacements: dict[int, nn.Module] = {}
     for name, entry in manifest["layers"].items():
         try:
-            original = model.get_submodule(name)
+            original = net.get_submodule(name)
         except AttributeError:
             raise ConvertedModelError(
                 f"manifest layer {name!r} does not exist in {spec.describe()}",
@@ -198,13 +229,23 @@ def rebuild_skeleton(manifest: Mapping[str, Any], *, trust_pickle: bool = False,
                 "the architecture changed since conversion; re-run `stjfd convert`",
             )
         replacements[id(original)] = layer
-    return replace_modules(model, lambda _, module: replacements.get(id(module)))
+    return replace_modules(net, lambda _, module: replacements.get(id(module)))
 
 
 def load_converted(
-    directory: str | Path, *, trust_pickle: bool = False, device: str | torch.device = "cpu"
+    directory: str | Path,
+    *,
+    trust_pickle: bool = False,
+    trust_code: bool = False,
+    model: str | None = None,
+    device: str | torch.device = "cpu",
 ) -> ConvertedModel:
-    """Rebuild a converted model from its folder (eval mode); outputs are bit-identical to the saved one."""
+    """Rebuild a converted model from its folder (eval mode); outputs are bit-identical to the saved one.
+
+    The folder is data: a builder its manifest names is imported and called only if it is torchvision's
+    or stjfd's own, or with ``trust_code=True``, or when ``model`` (the user's ``--model``) names it again;
+    a pickled architecture only with ``trust_pickle=True``.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
@@ -213,13 +254,13 @@ def load_converted(
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise ConvertedModelError(f"{directory} has no {WEIGHTS_FILE}", "re-run `stjfd convert`")
-    model = rebuild_skeleton(manifest, trust_pickle=trust_pickle, directory=directory)
+    net = rebuild_skeleton(manifest, trust_pickle=trust_pickle, trust_code=trust_code, model=model, directory=directory)
     for name, entry in manifest["layers"].items():
-        module = model.get_submodule(name)
+        module = net.get_submodule(name)
         if isinstance(module, DecomposedConv3d):
             module.reconstruction_error = entry.get("rel_error")
     try:
-        missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
+        missing, unexpected = load_model(net, str(weights), strict=False, device=str(device))
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise ConvertedModelError(f"{weights} cannot be loaded: {exc}", "re-run `stjfd convert`") from None
     # num_batches_tracked may be absent in user models' state; anything else missing is an error.
@@ -230,4 +271,4 @@ def load_converted(
             f"(e.g. {', '.join((missing + unexpected)[:3])})",
             "re-run `stjfd convert`",
         )
-    return ConvertedModel(model.to(device).eval(), manifest, directory)
+    return ConvertedModel(net.to(device).eval(), manifest, directory)

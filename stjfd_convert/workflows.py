@@ -11,11 +11,11 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .atomic import check_writable_target
-from .errors import OutputError
+from .atomic import check_output
 from .config import ConvertConfig
+from .formats import DEMO_CONVERTED_DIR, DEMO_RUN_DIR
 from .convert import ConversionReport, ProgressCallback, convert_model
-from .models import TORCHVISION_VIDEO_ARCHS, ArchSpec, load_model
+from .models import TORCHVISION_VIDEO_ARCHS, ArchSpec, load_model, model_source_paths
 from .parity import ParityResult, compare_models, parse_dtype
 from .saved_model import load_converted, save_converted
 
@@ -76,22 +76,16 @@ def convert_checkpoint(
 ) -> ConvertResult:
     """Load a checkpoint, decompose its Conv3d layers, check parity and save the converted folder.
 
-    The output folder is probed before any work and written atomically at the end.
+    The output folder is checked against the output-safety policy (:mod:`stjfd_convert.atomic`) before
+    any work and written atomically at the end; ``overwrite`` replaces only a converted folder.
     """
     start = time.perf_counter()
     dtype = parse_dtype(input_dtype)
     target = None
+    inputs = [*([checkpoint] if checkpoint is not None else []), *model_source_paths(model)]
     if save:
         target = Path(output) if output is not None else default_output_dir(checkpoint, arch or model)
-        check_writable_target(target, overwrite=overwrite)
-        if checkpoint is not None and overwrite:
-            resolved = Path(target).resolve()
-            source = Path(checkpoint).resolve()
-            if resolved == source or resolved in source.parents:
-                raise OutputError(
-                    f"--force would replace {target}, which holds the checkpoint {checkpoint}",
-                    "choose another -o",
-                )
+        check_output(target, "converted", force=overwrite, inputs=inputs)
     loaded = load_model(
         checkpoint, arch=arch, model=model, model_kwargs=model_kwargs, trust_pickle=trust_pickle, strict=strict
     )
@@ -112,6 +106,7 @@ def convert_checkpoint(
             target,
             loaded.spec,
             overwrite=overwrite,
+            inputs=inputs,
             source=str(loaded.source.resolve()) if loaded.source else None,
             sha256=loaded.sha256,
             input_shape=shape,
@@ -157,11 +152,15 @@ def plan_converted(
     input_dtype: str = "float32",
     save: bool = True,
     progress: Any = None,
+    trust_code: bool = False,
 ) -> tuple[Any, Path | None]:
-    """Measure every form of every layer of a converted folder and store the plan in its manifest."""
+    """Measure every form of every layer of a converted folder and store the plan in its manifest.
+
+    The plan is an update of stjfd's own manifest in the folder (written atomically), not a new output.
+    """
     from .planner import plan_model, save_plan
 
-    loaded = load_converted(directory)
+    loaded = load_converted(directory, trust_code=trust_code)
     shape = tuple(input_shape) if input_shape else None
     if shape is None:
         recorded = loaded.manifest.get("input", {}).get("shape")
@@ -192,7 +191,8 @@ def verify_reload(result: ConvertResult, input_dtype: str = "float32") -> Reload
     """Reload ``result.output`` and check that it gives bit-identical outputs on the parity clip."""
     if result.output is None or result.model is None:
         raise ValueError("verify_reload needs a saved ConvertResult")
-    reloaded = load_converted(result.output)
+    # The builder is the one this same command was given (--model), so it is trusted here.
+    reloaded = load_converted(result.output, trust_code=True)
     shape = result.parity.input_shape if result.parity else default_input_shape(result.spec)
     if shape is None:
         return ReloadCheck(result.output, True, 0.0)
@@ -285,6 +285,7 @@ def demo(
     progress: ProgressCallback | None = None,
     callbacks: Sequence[Any] = (),
     command: str | None = None,
+    force: bool = False,
 ) -> DemoResult:
     """The main job on the bundled sample model (:mod:`stjfd_convert.sample`), end to end.
 
@@ -293,13 +294,14 @@ def demo(
     ``test_clips`` held-out synthetic clips, then fine-tunes the reloaded converted model with the
     alternating schedule (``cycles`` × temporal + spatial stage on ``train_clips`` other clips, run folder
     ``directory/finetune``) and measures it again. Everything runs on the CPU and is seeded by ``seed``.
-    ``callbacks`` receive the fine-tuning events.
+    ``callbacks`` receive the fine-tuning events. An existing ``directory`` is filled only if it is
+    empty, or with ``force`` if it holds nothing but an earlier demo's outputs.
     """
     from .finetune import FinetuneConfig, evaluate, finetune
     from .sample import SampleClips, sample_model_files, split_seed
 
     start = time.perf_counter()
-    directory = Path(directory)
+    directory = check_output(directory, "demo", force=force)
     files = sample_model_files()
     info = files.info
     spec = ArchSpec.from_dict(info["architecture"])
@@ -310,7 +312,7 @@ def demo(
         model=spec.name,
         model_kwargs=spec.kwargs,
         input_shape=shape,
-        output=directory / "sample-stjfd",
+        output=directory / DEMO_CONVERTED_DIR,
         overwrite=True,
         command=command or f"stjfd demo --atoms {atoms}",
         progress=progress,
@@ -327,7 +329,7 @@ def demo(
         for name, net in (("original", original), ("converted", result.model))
     }
     agreement = _prediction_agreement(original, result.model, test.clips, DEMO_BATCH_SIZE)
-    student = load_converted(result.output).model
+    student = load_converted(result.output, trust_code=True).model
     config = FinetuneConfig(
         schedule="alternating",
         cycles=cycles,
@@ -339,7 +341,7 @@ def demo(
         plot=False,
     )
     tuned = finetune(
-        student, train, test, config, callbacks=callbacks, run_dir=directory / "finetune", spec=result.spec,
+        student, train, test, config, callbacks=callbacks, run_dir=directory / DEMO_RUN_DIR, spec=result.spec,
         classes=classes, overwrite=True,
     )
     if tuned.final is None:  # pragma: no cover - a validation set is always given

@@ -345,10 +345,18 @@ def test_existing_output_needs_force(tiny: TinyFiles, out: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert leftovers(out) == []
 
-    report = convert_ok(*tiny.args(), "-o", out, "--force")
-    assert report["output"] == str(out)
-    assert sorted(p.name for p in out.iterdir()) == sorted([WEIGHTS_FILE, MANIFEST_FILE])
+    # --force replaces only what stjfd wrote: never a folder holding the user's files.
+    outcome = run_cli(["convert", *tiny.args(), "-o", out, "--force"])
+    assert_one_error_line(outcome, "--force replaces only", "did not write")
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert leftovers(out) == []
+
+    converted = out.parent / "converted"
+    convert_ok(*tiny.args(), "-o", converted)
+    report = convert_ok(*tiny.args(), "-o", converted, "--force")
+    assert report["output"] == str(converted)
+    assert sorted(p.name for p in converted.iterdir()) == sorted([WEIGHTS_FILE, MANIFEST_FILE])
+    assert leftovers(converted) == []
 
 
 def test_empty_output_folder_is_reused(tiny: TinyFiles, out: Path) -> None:
@@ -359,12 +367,12 @@ def test_empty_output_folder_is_reused(tiny: TinyFiles, out: Path) -> None:
 
 
 def test_failed_run_with_force_keeps_the_old_output(tiny: TinyFiles, out: Path) -> None:
-    out.mkdir()
-    (out / "keep.txt").write_text("precious")
+    convert_ok(*tiny.args(), "-o", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     bad = write_nonfinite(tiny.folder, math.nan)
     outcome = run_cli(["convert", *tiny.args(bad), "-o", out, "--force"])
     assert_one_error_line(outcome, "not finite")
-    assert (out / "keep.txt").read_text() == "precious"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert leftovers(out) == []
 
 
@@ -510,8 +518,8 @@ def test_saved_folder_reloads_bit_identical(tiny: TinyFiles, out: Path) -> None:
     )
     assert in_memory.model is not None and in_memory.output is None
     expected = forward(in_memory.model, TINY_INPUT_SHAPE)
-    first = forward(load_converted(out).model, TINY_INPUT_SHAPE)
-    second = forward(load_converted(out).model, TINY_INPUT_SHAPE)
+    first = forward(load_converted(out, trust_code=True).model, TINY_INPUT_SHAPE)
+    second = forward(load_converted(out, trust_code=True).model, TINY_INPUT_SHAPE)
     assert torch.equal(first, expected)
     assert torch.equal(second, expected)
 
@@ -525,7 +533,7 @@ def test_saved_folder_reloads_from_another_folder(tiny: TinyFiles, tmp_path: Pat
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     os.chdir(elsewhere)
-    reloaded = load_converted(out)
+    reloaded = load_converted(out, trust_code=True)
     assert sorted(n for n, m in reloaded.model.named_modules() if type(m).__name__ == "DecomposedConv3d") == sorted(
         TINY_DECOMPOSABLE
     )
@@ -569,7 +577,7 @@ def test_wrapped_checkpoints_load_the_same_weights(tiny: TinyFiles, tmp_path: Pa
         assert layer["rel_error"] == ref["rel_error"]
         assert layer["params_after"] == ref["params_after"]
     assert report["parity"]["rel_l2"] == plain["parity"]["rel_l2"]
-    reloaded = load_converted(tmp_path / layout).model
+    reloaded = load_converted(tmp_path / layout, trust_code=True).model
     for key in ("proj.weight", "fc.weight", "fc.bias"):
         assert torch.equal(reloaded.state_dict()[key], state[key]), key
 
@@ -582,7 +590,7 @@ def test_model_kwargs(tiny: TinyFiles, out: Path) -> None:
     assert [o["shape"] for o in report["parity"]["outputs"]] == [[1, 10]]
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["architecture"]["kwargs"] == {"num_classes": 10}
-    assert forward(load_converted(out).model, TINY_INPUT_SHAPE).shape == (1, 10)
+    assert forward(load_converted(out, trust_code=True).model, TINY_INPUT_SHAPE).shape == (1, 10)
 
 
 def test_include_and_exclude(tiny: TinyFiles, tmp_path: Path) -> None:
@@ -661,7 +669,7 @@ def test_method_tensorly(tiny: TinyFiles, tmp_path: Path) -> None:
         assert layers[name]["decomposed"]
         assert layers[name]["params_after"] == reference[name]["params_after"]
         assert reference[name]["rel_error"] <= layers[name]["rel_error"] + TENSORLY_SLACK
-    assert load_converted(tmp_path / "tensorly").manifest["conversion"]["config"]["method"] == "tensorly"
+    assert load_converted(tmp_path / "tensorly", trust_code=True).manifest["conversion"]["config"]["method"] == "tensorly"
 
 
 # --------------------------------------------------------------------------------------------
@@ -691,7 +699,7 @@ def test_r3d18_atoms6(r3d18_checkpoint: Path, out: Path) -> None:
     totals = report["totals"]
     assert totals["params_before"] == R3D18_PARAMS
     assert totals["decomposed_layers"] == R3D18_DECOMPOSABLE and totals["conv3d_layers"] == R3D18_CONV3D
-    real = sum(p.numel() for p in load_converted(out).model.parameters())
+    real = sum(p.numel() for p in load_converted(out, trust_code=True).model.parameters())
     assert totals["params_after"] == real
     saved = sum(layer["params_before"] - layer["params_after"] for layer in layers)
     assert totals["params_after"] == R3D18_PARAMS - saved

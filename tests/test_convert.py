@@ -218,7 +218,7 @@ def test_save_and_load_is_bit_identical(tiny: TinyNet, tmp_path, monkeypatch) ->
     assert manifest["layers"]["body.0.convs.a"]["spatial_atoms"] == 4
     assert manifest["layers"]["body.0.convs.a"]["mode"] == "sandwich"
     assert {"stjfd", "torch"} <= set(manifest["versions"])
-    loaded = load_converted(out)
+    loaded = load_converted(out, trust_code=True)
     assert loaded.model.shared is loaded.model.shared  # rebuilt architecture keeps sharing
     x = make_input(INPUT, seed=SEED + 2)
     with torch.no_grad():
@@ -241,18 +241,18 @@ def test_save_refuses_existing_folder_and_leaves_no_partial(tiny: TinyNet, tmp_p
 
 def test_load_converted_errors(tmp_path) -> None:
     with pytest.raises(ConvertedModelError, match="does not exist"):
-        load_converted(tmp_path / "missing")
+        load_converted(tmp_path / "missing", trust_code=True)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConvertedModelError, match=MANIFEST_FILE):
-        load_converted(tmp_path / "empty")
+        load_converted(tmp_path / "empty", trust_code=True)
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / MANIFEST_FILE).write_text("{not json")
     with pytest.raises(ConvertedModelError, match="JSON"):
-        load_converted(bad)
+        load_converted(bad, trust_code=True)
     (bad / MANIFEST_FILE).write_text(json.dumps({"format": "stjfd-converted", "format_version": 99}))
     with pytest.raises(ConvertedModelError, match="upgrade"):
-        load_converted(bad)
+        load_converted(bad, trust_code=True)
 
 
 def test_uint8_channels_last_model_parity() -> None:

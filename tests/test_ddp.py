@@ -70,14 +70,14 @@ def test_ddp_two_gloo_processes_match_single_process(setup, tmp_path: Path) -> N
     model_dir, data = setup
     single = finetune_paths(
         model_dir, data, FinetuneConfig(**OPTIONS, workers=0, plot=False, device="cpu"), output=tmp_path / "single",
-        clip_len=8, size=32,
+        clip_len=8, size=32, trust_code=True,
     )
 
     env = {k: v for k, v in os.environ.items() if k not in ("STJFD_DEBUG", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", NO_COLOR="1", TERM="dumb", COLUMNS="200")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "stjfd_convert", "finetune", str(model_dir), str(data), *_cli_options(),
-               "-o", str(tmp_path / "ddp"), "--json"]
+               "-o", str(tmp_path / "ddp"), "--json", "--trust-code"]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = json.loads(proc.stdout)  # rank 0 alone prints the result
@@ -91,13 +91,13 @@ def test_ddp_two_gloo_processes_match_single_process(setup, tmp_path: Path) -> N
     steps = lambda run: [r["loss"] for r in read_metrics(run) if r["type"] == "step"]  # noqa: E731
     assert steps(tmp_path / "ddp") == pytest.approx(steps(tmp_path / "single"), abs=DDP_LOSS_ATOL)
 
-    a = load_converted(tmp_path / "single" / "last").model.state_dict()
-    b = load_converted(tmp_path / "ddp" / "last").model.state_dict()
+    a = load_converted(tmp_path / "single" / "last", trust_code=True).model.state_dict()
+    b = load_converted(tmp_path / "ddp" / "last", trust_code=True).model.state_dict()
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=0, atol=DDP_PARAM_ATOL), (key, (a[key] - b[key]).abs().max())
     # Training moved the weights by far more than the tolerance (the comparison is not vacuous).
-    start = load_converted(model_dir).model.state_dict()
+    start = load_converted(model_dir, trust_code=True).model.state_dict()
     assert max((a[k] - start[k]).abs().max().item() for k in a) > 100 * DDP_PARAM_ATOL
     # Only rank 0 wrote: one run folder, one JSON document.
     assert not list((tmp_path).glob(".ddp.*"))

@@ -139,7 +139,7 @@ def test_demo_json(tmp_path: Path) -> None:
     stages = report["finetune"]["stages"]
     assert [s["stage"] for s in stages] == ["temporal", "spatial"] * report["finetune"]["cycles"]
     assert all(s["frozen_params"] > 0 for s in stages)
-    assert load_converted(tmp_path / "sample-stjfd").spec.name == SAMPLE_MODEL_NAME
+    assert load_converted(tmp_path / "sample-stjfd", trust_code=True).spec.name == SAMPLE_MODEL_NAME
     assert (tmp_path / "finetune" / "best" / "model.safetensors").is_file()
 
 

@@ -69,7 +69,7 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def export_json(*args: Any, exit_code: int = 0) -> dict[str, Any]:
-    outcome = run_cli(["export", *map(str, args), "--json"])
+    outcome = run_cli(["export", *map(str, args), "--trust-code", "--json"])
     assert outcome.exit_code == exit_code, outcome.output
     return json.loads(outcome.stdout)
 
@@ -147,7 +147,7 @@ def test_r3d18_exports_and_validates(r3d18: dict[str, Any], tmp_path: Path, mode
     if mode == "fused":
         assert set(data["forms"].values()) == {"fused"}
     else:
-        converted = load_converted(r3d18["dir"]).model
+        converted = load_converted(r3d18["dir"], trust_code=True).model
         assert data["forms"] == plan_model(converted, R3D18_SHAPE, measure=False).modes
         assert "cost model" in data["plan_source"]
     meta = metadata(target)
@@ -241,7 +241,7 @@ def test_every_form_exports_exactly(geometry: dict[str, Any], tmp_path: Path) ->
 
 
 def test_densify_replaces_decomposed_layers_and_leaves_the_input(tiny_dir: Path) -> None:
-    model = load_converted(tiny_dir).model
+    model = load_converted(tiny_dir, trust_code=True).model
     dense = densify(model)
     assert not any(isinstance(m, DecomposedConv3d) for m in dense.modules())
     assert any(isinstance(m, DecomposedConv3d) for m in model.modules())
@@ -276,15 +276,15 @@ def test_auto_uses_the_stored_measured_plan(tiny_dir: Path, tmp_path: Path) -> N
 
     # Another input shape has no stored plan: the cost model decides.
     other = (2, 3, 4, 12, 12)
-    data = export_json(folder, "--onnx", target, "--runs", 0, "--input-shape", ",".join(map(str, other)))
-    assert data["forms"] == plan_model(load_converted(folder).model, other, measure=False).modes
+    data = export_json(folder, "--onnx", target, "--runs", 0, "--input-shape", ",".join(map(str, other)), "--force")
+    assert data["forms"] == plan_model(load_converted(folder, trust_code=True).model, other, measure=False).modes
     assert "cost model" in data["plan_source"]
 
 
 def test_auto_follows_a_plan_held_in_memory(tiny_dir: Path, tmp_path: Path) -> None:
     from stjfd_convert.planner import apply_plan
 
-    model = load_converted(tiny_dir).model
+    model = load_converted(tiny_dir, trust_code=True).model
     plan = plan_model(model, TINY_SHAPE, measure=False)
     for choice in plan.layers:
         choice.form = "spatial_first"
@@ -364,7 +364,7 @@ def test_measured_plan_is_stored_and_reused(tiny_dir: Path, tmp_path: Path) -> N
     for choice in plan["layers"]:
         key = layer_plan_key(choice["input_shape"], ORT_DEVICE, "float32")
         assert manifest["layers"][choice["name"]]["plan"][key] == choice["form"]
-    load_converted(folder)  # the onnxruntime keys load (and never match a PyTorch tensor's)
+    load_converted(folder, trust_code=True)  # the onnxruntime keys load (and never match a PyTorch tensor's)
 
     # A later auto export reuses the stored onnxruntime plan, ahead of a measured CPU plan.
     # (Distinct forms, written into the stored plan, make "reused" observable.)
@@ -373,19 +373,19 @@ def test_measured_plan_is_stored_and_reused(tiny_dir: Path, tmp_path: Path) -> N
     manifest["plans"].append({"input_shape": list(TINY_SHAPE), "device": "cpu", "dtype": "float32", "measured": True,
                               "forms": {"stem": "factorized", "spatial": "factorized"}})
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
-    again = export_json(folder, "--onnx", target, "--runs", 0)
+    again = export_json(folder, "--onnx", target, "--runs", 0, "--force")
     assert again["forms"] == forms and "onnxruntime-measured" in again["plan_source"]
     assert again["measured_plan"] is None and again["validation"]["passed"]
     assert json.loads(metadata(target)["stjfd.forms"]) == forms
 
     # Measuring again replaces the stored onnxruntime plan rather than adding one.
-    export_json(folder, "--onnx", target, "--measure", "--measure-repeats", 1, "--runs", 0, "--no-validate")
+    export_json(folder, "--onnx", target, "--measure", "--measure-repeats", 1, "--runs", 0, "--no-validate", "--force")
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
     assert len([p for p in manifest["plans"] if p["device"] == ORT_DEVICE]) == 1
 
 
 def test_measure_needs_auto(tiny_dir: Path, tmp_path: Path) -> None:
-    outcome = run_cli(["export", tiny_dir, "--onnx", tmp_path / "m.onnx", "--mode", "fused", "--measure"])
+    outcome = run_cli(["export", tiny_dir, "--trust-code", "--onnx", tmp_path / "m.onnx", "--mode", "fused", "--measure"])
     assert outcome.exit_code == 2
     assert_one_error_line(outcome, "--measure")
     assert not (tmp_path / "m.onnx").exists()
@@ -417,7 +417,7 @@ def test_external_data_above_the_protobuf_limit(tiny_dir: Path, tmp_path: Path, 
     monkeypatch.setattr(export_module, "PROTOBUF_LIMIT", 1024)
     monkeypatch.setattr(export_module, "EXTERNAL_DATA_MARGIN", 0)
     target = tmp_path / "big.onnx"
-    result = export_onnx(tiny_dir, target, mode="fused", runs=1)
+    result = export_onnx(tiny_dir, target, mode="fused", runs=1, trust_code=True)
     data_file = tmp_path / "big.onnx.data"
     assert result.external_data and data_file.is_file()
     assert result.stats.files == ["big.onnx", "big.onnx.data"]
@@ -426,7 +426,7 @@ def test_external_data_above_the_protobuf_limit(tiny_dir: Path, tmp_path: Path, 
     assert leftovers(target) == []
     # A later export under the limit removes the stale data file.
     monkeypatch.undo()
-    export_onnx(tiny_dir, target, mode="fused", runs=0, validate=False)
+    export_onnx(tiny_dir, target, mode="fused", runs=0, validate=False, trust_code=True, force=True)
     assert not data_file.exists()
 
 
@@ -435,7 +435,8 @@ def test_compare_reports_the_dense_original(tiny_dir: Path, tmp_path: Path) -> N
     original = data["original"]
     assert original["latency_runs"] == 3 and data["latency_runs"] == 3
     assert data["ratios_to_original"]["file_bytes"] == pytest.approx(data["file_bytes"] / original["file_bytes"])
-    outcome = run_cli(["export", tiny_dir, "--onnx", tmp_path / "m.onnx", "--compare", "--runs", 2])
+    outcome = run_cli(["export", tiny_dir, "--trust-code", "--onnx", tmp_path / "m.onnx", "--compare", "--runs", 2,
+                       "--force"])
     assert outcome.exit_code == 0, outcome.output
     for text in ("onnx.checker", "PASS", "file size", "parameters", "ORT latency", "vs the dense original", "ratio"):
         assert text in outcome.stdout
@@ -444,7 +445,7 @@ def test_compare_reports_the_dense_original(tiny_dir: Path, tmp_path: Path) -> N
 def test_failed_validation_lists_every_mismatch_and_leaves_no_file(tiny_dir: Path, tmp_path: Path) -> None:
     target = tmp_path / "bad.onnx"
     # fp16 weights cannot match float32 PyTorch to 1e-9: every output of every clip mismatches.
-    outcome = run_cli(["export", tiny_dir, "--onnx", target, "--fp16", "--atol", "1e-9", "--dynamic", "batch", "--json"])
+    outcome = run_cli(["export", tiny_dir, "--trust-code", "--onnx", target, "--fp16", "--atol", "1e-9", "--dynamic", "batch", "--json"])
     assert outcome.exit_code == 1, outcome.output
     data = json.loads(outcome.stdout)
     assert data["validation"]["passed"] is False and data["path"] is None
@@ -453,12 +454,12 @@ def test_failed_validation_lists_every_mismatch_and_leaves_no_file(tiny_dir: Pat
     assert "clip 0" in outcome.stderr and "clip 1" in outcome.stderr and "clip 2" in outcome.stderr
     assert_no_output(target)
 
-    outcome = run_cli(["export", tiny_dir, "--onnx", target, "--fp16", "--atol", "1e-9", "--keep-invalid"])
+    outcome = run_cli(["export", tiny_dir, "--trust-code", "--onnx", target, "--fp16", "--atol", "1e-9", "--keep-invalid"])
     assert outcome.exit_code == 1 and target.is_file() and leftovers(target) == []
     assert "FAIL" in outcome.stdout
 
     with pytest.raises(ExportValidationError) as caught:
-        export_onnx(tiny_dir, tmp_path / "lib.onnx", fp16=True, atol=1e-9, runs=0)
+        export_onnx(tiny_dir, tmp_path / "lib.onnx", fp16=True, atol=1e-9, runs=0, trust_code=True)
     assert caught.value.exit_code == 1 and not caught.value.result.validation.passed
 
 
@@ -480,31 +481,31 @@ def test_not_a_converted_folder(tmp_path: Path) -> None:
 def test_unwritable_output(tiny_dir: Path, tmp_path: Path) -> None:
     blocker = tmp_path / "file.txt"
     blocker.write_text("not a folder")
-    assert_one_error_line(run_cli(["export", tiny_dir, "--onnx", blocker / "m.onnx"]), "cannot write")
+    assert_one_error_line(run_cli(["export", tiny_dir, "--trust-code", "--onnx", blocker / "m.onnx"]), "cannot write")
     folder = tmp_path / "folder.onnx"
     folder.mkdir()
-    assert_one_error_line(run_cli(["export", tiny_dir, "--onnx", folder]), "folder")
+    assert_one_error_line(run_cli(["export", tiny_dir, "--trust-code", "--onnx", folder]), "folder")
 
 
 @pytest.mark.parametrize("opset", [9, 10, max_opset() + 1])
 def test_unsupported_opset(tiny_dir: Path, tmp_path: Path, opset: int) -> None:
     target = tmp_path / "m.onnx"
-    line = assert_one_error_line(run_cli(["export", tiny_dir, "--onnx", target, "--opset", opset]), "opset")
+    line = assert_one_error_line(run_cli(["export", tiny_dir, "--trust-code", "--onnx", target, "--opset", opset]), "opset")
     assert str(max_opset()) in line
     assert_no_output(target)
 
 
 def test_bad_dynamic_axis_and_mode(tiny_dir: Path, tmp_path: Path) -> None:
     target = tmp_path / "m.onnx"
-    assert_one_error_line(run_cli(["export", tiny_dir, "--onnx", target, "--dynamic", "batch,depth"]), "depth")
-    assert_one_error_line(run_cli(["export", tiny_dir, "--onnx", target, "--mode", "turbo"]), "turbo")
+    assert_one_error_line(run_cli(["export", tiny_dir, "--trust-code", "--onnx", target, "--dynamic", "batch,depth"]), "depth")
+    assert_one_error_line(run_cli(["export", tiny_dir, "--trust-code", "--onnx", target, "--mode", "turbo"]), "turbo")
     assert_no_output(target)
 
 
 def test_onnxruntime_missing(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` raise ImportError
     target = tmp_path / "m.onnx"
-    assert_one_error_line(run_cli(["export", tiny_dir, "--onnx", target]), "onnxruntime", "pip install")
+    assert_one_error_line(run_cli(["export", tiny_dir, "--trust-code", "--onnx", target]), "onnxruntime", "pip install")
     assert_no_output(target)
 
 
@@ -559,7 +560,7 @@ def test_predict_top_k_with_labels(tiny_onnx: Path, tiny_dir: Path, video: Path,
     config = ClipConfig(clip_len=4, size=(16, 16), mean=TINY_MEAN, std=TINY_STD)
     clip, _ = ClipDataset([VideoSource(video, -1)], ["video"], config)[0]
     with torch.no_grad():
-        logits = load_converted(tiny_dir).model(clip.unsqueeze(0))[0]
+        logits = load_converted(tiny_dir, trust_code=True).model(clip.unsqueeze(0))[0]
     assert [t["index"] for t in top] == logits.argsort(descending=True)[:3].tolist()
     assert [t["logit"] for t in top] == pytest.approx(logits.sort(descending=True).values[:3].tolist(), abs=FORM_ATOL)
 
@@ -588,6 +589,7 @@ def test_predict_library_uses_dynamic_axes_export_shape(tiny_dir: Path, video: P
     export_onnx(
         tiny_dir, target, dynamic_axes="batch,time,height,width", input_shape=TINY_PREDICT_SHAPE, mean=TINY_MEAN,
         std=TINY_STD, runs=0,
+        trust_code=True,
     )
     prediction = predict(target, video, top_k=10)
     assert prediction.input_shape == TINY_PREDICT_SHAPE

@@ -234,7 +234,7 @@ def test_run_folder_files(learned_run, datasets) -> None:
     assert {"step", "epoch", "stage", "skipped"} <= kinds
     assert len([r for r in records if r["type"] == "epoch"]) == 6
     # last/ is the final model, bit for bit.
-    last = load_converted(run_dir / "last")
+    last = load_converted(run_dir / "last", trust_code=True)
     clip = torch.randn(2, 3, CLIP_LEN, SIZE, SIZE)
     with torch.no_grad():
         assert (last.model(clip) - model.eval()(clip)).abs().max().item() <= RELOAD_ATOL
@@ -268,7 +268,7 @@ def test_joint_schedule_plain_model(workdir: Path, datasets, spec: ArchSpec, lea
     assert [s.stage for s in result.stages] == ["joint"]
     assert result.stages[0].frozen_params == 0 and len(result.epochs) == 2
     assert all(r["bn_recal_batches"] == 0 for r in result.epochs)  # full-size training needs no re-estimation
-    loaded = load_converted(run_dir / "best")
+    loaded = load_converted(run_dir / "best", trust_code=True)
     assert read_manifest(run_dir / "best")["layers"] == {}
     assert not any(isinstance(m, DecomposedConv3d) for m in loaded.model.modules())
     # Same batch at full size: the stages of the alternating schedule need less memory.
@@ -315,11 +315,11 @@ def test_resume_after_kill_matches_uninterrupted(workdir: Path, datasets, spec: 
     assert load_training_state(run_dir)["position"] == info.value.position
     assert [r["type"] for r in read_metrics(run_dir)][-1] == "interrupted"
 
-    resumed = resume(run_dir, train, val)
+    resumed = resume(run_dir, train, val, trust_code=True)
     assert _comparable(resumed.epochs) == _comparable(expected.epochs)
     assert resumed.final.to_dict() | {"seconds": 0} == expected.final.to_dict() | {"seconds": 0}
-    whole = load_converted(workdir / "run-whole" / "last").model.state_dict()
-    again = load_converted(run_dir / "last").model.state_dict()
+    whole = load_converted(workdir / "run-whole" / "last", trust_code=True).model.state_dict()
+    again = load_converted(run_dir / "last", trust_code=True).model.state_dict()
     assert whole.keys() == again.keys()
     for key in whole:
         assert torch.equal(whole[key], again[key]), key
@@ -428,7 +428,7 @@ def test_config_validation() -> None:
 def _cli_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     return ["finetune", str(model), str(data), "--clip-len", str(CLIP_LEN), "--size", str(SIZE), "--cycles", "1",
             "--epochs-per-stage", "1", "--batch-size", "6", "--workers", "0", "--optimizer", "adamw", "--lr", "0.01",
-            "--bn-recal-batches", "1", "--no-plot", "-o", str(out), *extra]
+            "--bn-recal-batches", "1", "--no-plot", "--trust-code", "-o", str(out), *extra]
 
 
 def test_cli_finetune_evaluate_resume(workdir: Path, converted_dir: Path, data_root: Path) -> None:
@@ -440,7 +440,8 @@ def test_cli_finetune_evaluate_resume(workdir: Path, converted_dir: Path, data_r
     assert all(s["peak_memory_bytes"] > 0 for s in payload["stages"])
     assert len(payload["skipped"]) == 3
 
-    evaluated = run_cli(["evaluate", str(out / "best"), str(data_root / "val"), "--workers", "0", "--json"])
+    evaluated = run_cli(["evaluate", str(out / "best"), str(data_root / "val"), "--workers", "0", "--json",
+                         "--trust-code"])
     assert evaluated.exit_code == 0, evaluated.output
     result = json.loads(evaluated.stdout)
     best = payload["epochs"][payload["best_epoch"]]
@@ -449,12 +450,12 @@ def test_cli_finetune_evaluate_resume(workdir: Path, converted_dir: Path, data_r
     assert sum(map(sum, result["confusion"])) == 9 and len(result["per_class"]) == 3
     assert [s["path"].endswith("noise.avi") for s in result["skipped"]] == [True]
 
-    table = run_cli(["evaluate", str(out / "best"), str(data_root), "--workers", "0"])
+    table = run_cli(["evaluate", str(out / "best"), str(data_root), "--workers", "0", "--trust-code"])
     assert table.exit_code == 0, table.output
     for fragment in ("per-class accuracy", "confusion matrix", "left_right", "top-1"):
         assert fragment in table.stdout
 
-    again = run_cli(["finetune", str(out), "--resume"])
+    again = run_cli(["finetune", str(out), "--resume", "--trust-code"])
     assert again.exit_code == 0, again.output
     assert "already finished" in again.stdout
 
@@ -481,7 +482,8 @@ def test_cli_errors_leave_no_run_folder(workdir: Path, converted_dir: Path, data
     assert_one_error_line(run_cli(_cli_args(converted_dir, data_root, exists)), "already exists")
     assert (exists / "keep.txt").exists()
     assert_one_error_line(run_cli(["finetune", str(exists), "--resume"]), "config.json")
-    assert_one_error_line(run_cli(["finetune", str(workdir / "run-learn"), "--resume", "--lr", "0.1"]), "--lr")
+    assert_one_error_line(run_cli(["finetune", str(workdir / "run-learn"), "--resume", "--lr", "0.1", "--trust-code"]),
+                          "--lr")
     assert_one_error_line(run_cli(["evaluate", str(tmp_path), str(data_root / "val")]), "model.stjfd.json")
 
 
@@ -513,4 +515,4 @@ def test_real_sigint_saves_and_exits_130(workdir: Path, converted_dir: Path, dat
     state = load_training_state(out)
     assert state["position"]["step"] >= 1
     assert read_metrics(out)[-1]["type"] == "interrupted"
-    assert load_converted(out / "last").model is not None
+    assert load_converted(out / "last", trust_code=True).model is not None

@@ -213,7 +213,7 @@ def test_save_plan_roundtrip(tmp_path) -> None:
     save_plan(out, plan)
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["plans"][0]["forms"] == plan.modes
-    loaded = load_converted(out).model
+    loaded = load_converted(out, trust_code=True).model
     x = torch.randn(1, 3, 4, 12, 12)
     for name, module in loaded.named_modules():
         if isinstance(module, DecomposedConv3d):
@@ -227,7 +227,7 @@ def test_save_plan_roundtrip(tmp_path) -> None:
 def test_plan_cli(tmp_path) -> None:
     out, _ = _tiny_dir(tmp_path)
     runner = CliRunner()
-    result = runner.invoke(app, ["plan", str(out), "--repeats", "2", "--json"])
+    result = runner.invoke(app, ["plan", str(out), "--repeats", "2", "--json", "--trust-code"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["measured"] is True and len(data["layers"]) == 2

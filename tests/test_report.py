@@ -411,7 +411,8 @@ def test_cli_report_on_converted_dir_writes_json_markdown_plot(tiny_files, tmp_p
     _, converted = tiny_files
     markdown, plot = tmp_path / "r.md", tmp_path / "r.png"
     outcome = run_cli(
-        ["report", converted, *FAST, "--memory-budget", "64MiB", "--json", "--markdown", markdown, "--plot", plot]
+        ["report", converted, *FAST, "--memory-budget", "64MiB", "--json", "--markdown", markdown, "--plot", plot,
+         "--trust-code"]
     )
     assert outcome.exit_code == 0, outcome.output
     data = json.loads(outcome.stdout)

@@ -144,6 +144,8 @@ def export(
     model: Optional[str] = typer.Option(None, "--model", help="user architecture of a checkpoint, module:callable"),
     model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="JSON object of constructor kwargs"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow checkpoints holding pickled objects"),
+    trust_code: bool = typer.Option(False, "--trust-code", help="allow the model builder a folder's manifest names"),
+    force: bool = typer.Option(False, "--force", help="replace an existing ONNX file stjfd exported (never another file)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Export a model to ONNX and verify it: onnx.checker, onnxruntime vs PyTorch, size and latency."""
@@ -176,6 +178,8 @@ def export(
             model=model,
             model_kwargs=parse_model_kwargs(model_kwargs),
             trust_pickle=trust_pickle,
+            trust_code=trust_code,
+            force=force,
         )
     except ExportValidationError as exc:
         _render_export(exc.result, as_json)  # every mismatch, then the one error line (exit 1)

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from ..errors import ConfigError
 from . import render
-from .app import EXIT_INTERRUPTED, app, command_line, guarded
+from .app import EXIT_INTERRUPTED, EXIT_TERMINATED, app, command_line, guarded
 
 MIB = 2**20
 
@@ -248,11 +248,10 @@ def _render_result(result: Any, as_json: bool) -> None:
         out.print(f"[yellow]skipped {len(result.skipped)} unreadable videos[/] (listed in run.log and metrics.jsonl)")
     for note in result.notes:
         out.print(f"[dim]note:[/] {escape(note)}")
-    if result.run_dir is not None:
-        out.print(
-            f"[bold green]saved[/] {escape(str(result.run_dir))}/: last/, best/, metrics.jsonl, config.json, "
-            "training_curve.png"
-        )
+    if result.run_dir is not None and result.changed:
+        out.print(f"[bold green]saved[/] {escape(str(result.run_dir))}/: {', '.join(result.saved)}")
+    elif result.run_dir is not None:
+        out.print(f"[bold]unchanged[/] {escape(str(result.run_dir))}/: {', '.join(result.saved)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,7 +266,7 @@ def finetune(
     data: Optional[Path] = typer.Argument(None, help="dataset root (train/ + val/, or one split with --val-split)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="run folder to create, e.g. runs/exp1"),
     resume: bool = typer.Option(False, "--resume", help="continue the run folder SOURCE where it stopped"),
-    force: bool = typer.Option(False, "--force", help="replace an existing run folder"),
+    force: bool = typer.Option(False, "--force", help="replace an existing run folder (never anything else)"),
     clip_len: int = typer.Option(16, "--clip-len", help="frames per clip"),
     size: str = typer.Option("112", "--size", help="crop size: N or HEIGHT,WIDTH"),
     frame_stride: int = typer.Option(1, "--frame-stride", help="take every n-th frame"),
@@ -317,6 +316,7 @@ def finetune(
     model: Optional[str] = typer.Option(None, "--model", help="user architecture of a checkpoint, module:callable"),
     model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="JSON object of constructor kwargs"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow pickled architectures/checkpoints"),
+    trust_code: bool = typer.Option(False, "--trust-code", help="allow the model builder a folder's manifest names"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Fine-tune with the paper's alternating schedule: temporal stage (frames downsampled by s, spatial atoms
@@ -351,7 +351,7 @@ def finetune(
             with view:
                 result = ft.resume(
                     source, callbacks=[view], trust_pickle=trust_pickle, data_root=data, progress=view.indexing,
-                    workers=workers, plot=False if no_plot else None,
+                    workers=workers, plot=False if no_plot else None, trust_code=trust_code, model=model,
                 )
         else:
             if data is None:
@@ -372,13 +372,14 @@ def finetune(
                     source, data, config, output=output, clip_len=clip_len, size=_parse_size(size),
                     frame_stride=frame_stride, val_split=val_split, mean=_parse_triple("--mean", mean),
                     std=_parse_triple("--std", std), val_clips_per_video=val_clips, arch=arch, model=model,
-                    model_kwargs=kwargs, trust_pickle=trust_pickle, overwrite=force, command=command_line(),
+                    model_kwargs=kwargs, trust_pickle=trust_pickle, trust_code=trust_code, overwrite=force,
+                    command=command_line(),
                     callbacks=[view], progress=view.indexing,
                 )
     except ft.TrainingInterrupted as exc:
         if main_rank:
             render.error_line(exc.message)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        raise typer.Exit(EXIT_TERMINATED if exc.signal_name == "SIGTERM" else EXIT_INTERRUPTED) from None
     if main_rank:
         _render_result(result, as_json)
 
@@ -414,6 +415,7 @@ def evaluate(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     amp: bool = typer.Option(False, "--amp", help="mixed precision"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle"),
+    trust_code: bool = typer.Option(False, "--trust-code", help="allow the model builder the folder's manifest names"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Accuracy (top-1/top-5), loss, per-class accuracy and confusion matrix at full resolution."""
@@ -437,7 +439,7 @@ def evaluate(
             model_dir, data, clip_len=clip_len, size=_parse_size(size) if size else None, frame_stride=frame_stride,
             clips_per_video=clips_per_video, mean=_parse_triple("--mean", mean), std=_parse_triple("--std", std),
             batch_size=batch_size, workers=workers, device=device, amp=amp, trust_pickle=trust_pickle,
-            progress=progress,
+            trust_code=trust_code, progress=progress,
         )
     if as_json:
         render.print_json({**result.to_dict(), "skipped": [{"path": p, "reason": r} for p, r in skipped]})

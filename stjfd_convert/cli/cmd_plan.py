@@ -22,6 +22,7 @@ def plan(
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
     repeats: int = typer.Option(5, "--repeats", min=1, help="timed runs per form and layer (median)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="measure and show, do not write the manifest"),
+    trust_code: bool = typer.Option(False, "--trust-code", help="allow the model builder the folder's manifest names"),
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
 ) -> None:
     """Time fused / factorized / sandwich / spatial_first / temporal_first per layer; keep the fastest."""
@@ -30,7 +31,8 @@ def plan(
 
     shape = parse_shape(input_shape) if input_shape else None
     result, path = plan_converted(
-        directory, shape, device=device, repeats=repeats, input_dtype=input_dtype, save=not dry_run
+        directory, shape, device=device, repeats=repeats, input_dtype=input_dtype, save=not dry_run,
+        trust_code=trust_code,
     )
     if as_json:
         render.print_json({**result.to_dict(), "manifest": str(path) if path else None})

@@ -207,12 +207,15 @@ def report(
     size: Optional[int] = typer.Option(None, "--size", help="frame size for --memory-budget (default: input H)"),
     markdown_file: Optional[Path] = typer.Option(None, "--markdown", help="also write the report as Markdown"),
     plot_file: Optional[Path] = typer.Option(None, "--plot", help="also write a PNG (parameters, memory vs clip)"),
+    force: bool = typer.Option(False, "--force", help="replace --markdown/--plot files stjfd wrote (never other files)"),
+    trust_code: bool = typer.Option(False, "--trust-code", help="allow the model builder a folder's manifest names"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Measured savings: parameters, MACs, inference and training memory, and what fits in a budget."""
     import torch
 
-    from ..atomic import check_writable_target
+    from ..atomic import check_output
+    from ..models import model_source_paths
     from ..layers import MODES, DecomposedConv3d
     from ..models import parse_model_kwargs
     from ..parity import parse_shape
@@ -227,16 +230,17 @@ def report(
     if device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"unknown --device {device!r}", "use auto, cpu or cuda")
     resolved_device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    for target in (markdown_file, plot_file):
+    inputs = [*([source] if source is not None else []), *model_source_paths(model)]
+    for target, kind in ((markdown_file, "markdown"), (plot_file, "png")):
         if target is not None:
-            check_writable_target(target, overwrite=True)
+            check_output(target, kind, force=force, inputs=inputs)
     if source is None and arch is None and model is None:
         raise ConfigError("no model given", "pass a converted folder, a checkpoint, or --arch NAME")
 
     config = ConvertConfig(spatial_atoms=atoms, temporal_atoms=temporal_atoms, **({"mode": mode} if mode else {}))
     loaded = load_report_input(
         source, config=config, arch=arch, model=model, model_kwargs=parse_model_kwargs(model_kwargs),
-        trust_pickle=trust_pickle, strict=not non_strict,
+        trust_pickle=trust_pickle, strict=not non_strict, trust_code=trust_code,
     )
     if mode is not None:
         for module in loaded.converted.modules():
@@ -254,9 +258,9 @@ def report(
         )
     result.notes[:0] = loaded.notes
     if markdown_file is not None:
-        write_markdown(result, markdown_file)
+        write_markdown(result, markdown_file, force=force, inputs=inputs)
     if plot_file is not None:
-        write_plot(result, plot_file)
+        write_plot(result, plot_file, force=force, inputs=inputs)
     if as_json:
         render.print_json(result.to_dict())
         return

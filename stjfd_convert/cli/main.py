@@ -53,7 +53,7 @@ def convert(
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="parity clip shape, e.g. 1,3,16,112,112"),
     input_dtype: str = typer.Option("float32", "--input-dtype", help="parity clip dtype (e.g. uint8)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="output folder (default <stem>-stjfd/)"),
-    force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
+    force: bool = typer.Option(False, "--force", help="replace an existing converted folder (never anything else)"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Factorise every Conv3d of a model into temporal atoms, spatial atoms and joint coefficients."""
@@ -101,6 +101,7 @@ def demo(
         None, "--temporal-atoms", help="temporal atoms per layer (default min(L, 3))"
     ),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="keep the converted model and run here"),
+    force: bool = typer.Option(False, "--force", help="replace an earlier demo's outputs in -o"),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Convert the bundled sample model, compare accuracy, fine-tune briefly and reload (CPU, < 1 min)."""
@@ -113,7 +114,7 @@ def demo(
         with render.layer_progress(show_bars) as progress, _TrainingView(bars=show_bars, lines=False) as view:
             result = run_demo(
                 folder, atoms=atoms, temporal_atoms=temporal_atoms, progress=progress, callbacks=[view],
-                command=command_line(),
+                command=command_line(), force=force,
             )
         if as_json:
             render.print_json(result.to_dict())

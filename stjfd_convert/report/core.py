@@ -237,6 +237,7 @@ def load_report_input(
     model_kwargs: Mapping[str, Any] | None = None,
     trust_pickle: bool = False,
     strict: bool = True,
+    trust_code: bool = False,
 ) -> ReportInput:
     """A converted folder (``load_converted``; original = ``densify``) or a checkpoint / ``--arch``
     converted in memory with ``config`` (original = the loaded model)."""
@@ -255,7 +256,7 @@ def load_report_input(
                     f"{path} is a folder but not a converted model (no model.stjfd.json)",
                     "pass a folder written by `stjfd convert`, or a checkpoint file",
                 )
-            loaded = load_converted(path, trust_pickle=trust_pickle)
+            loaded = load_converted(path, trust_pickle=trust_pickle, trust_code=trust_code, model=model)
             shape = loaded.manifest.get("input", {}).get("shape")
             return ReportInput(
                 loaded.model, densify(loaded.model).eval(), str(path), tuple(shape) if shape else None,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
+from .. import __version__
 from ..atomic import atomic_file
+from ..formats import MARKDOWN_TITLE, PNG_SOFTWARE
 from ..errors import OutputError
 from ..layers import FORMS
 from .accounting import DTYPE_BYTES, MIB
@@ -25,7 +28,7 @@ def markdown(report: MemoryReport) -> str:
     t = report.totals
     shape = "×".join(map(str, report.input_shape))
     lines = [
-        f"# stjfd memory report: {report.source}",
+        f"{MARKDOWN_TITLE}memory report: {report.source}",
         "",
         f"Input {shape} (B×C×T×H×W); execution modes: {', '.join(report.settings['modes']) or 'n/a'}.",
         "",
@@ -95,14 +98,22 @@ def markdown(report: MemoryReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(report: MemoryReport, path: str | os.PathLike[str]) -> Path:
-    with atomic_file(path) as staging:
+def write_markdown(
+    report: MemoryReport, path: str | os.PathLike[str], *, force: bool = False, inputs: Sequence[str | os.PathLike[str]] = ()
+) -> Path:
+    """Write :func:`markdown` atomically; an existing file is replaced only with ``force`` and only if
+    stjfd wrote it (:mod:`stjfd_convert.atomic`)."""
+    with atomic_file(path, "markdown", force=force, inputs=inputs) as staging:
         staging.write_text(markdown(report), encoding="utf-8")
     return Path(path)
 
 
-def write_plot(report: MemoryReport, path: str | os.PathLike[str]) -> Path:
-    """PNG: per-layer parameters (original vs converted) and training memory against clip length."""
+def write_plot(
+    report: MemoryReport, path: str | os.PathLike[str], *, force: bool = False, inputs: Sequence[str | os.PathLike[str]] = ()
+) -> Path:
+    """PNG: per-layer parameters (original vs converted) and training memory against clip length.
+
+    Written atomically; ``force`` replaces only a PNG stjfd wrote (its tEXt Software chunk says so)."""
     try:
         import matplotlib
 
@@ -149,7 +160,7 @@ def write_plot(report: MemoryReport, path: str | os.PathLike[str]) -> Path:
     right.legend(fontsize=8)
     right.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_file(path) as staging:
-        fig.savefig(staging, format="png", dpi=110)
+    with atomic_file(path, "png", force=force, inputs=inputs) as staging:
+        fig.savefig(staging, format="png", dpi=110, metadata={"Software": f"{PNG_SOFTWARE} {__version__}"})
     plt.close(fig)
     return Path(path)
