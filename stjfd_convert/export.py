@@ -509,6 +509,12 @@ def _time_sessions(
     return best
 
 
+#: Times the onnxruntime sessions of every form of one layer:
+#: ``timer(sessions, feed_shape, repeats, warmup) -> {form: seconds}``. ``sessions`` maps each form
+#: to a CPU session on that form of the layer alone; ``feed_shape`` is the input shape the layer sees.
+SessionTimer = Callable[[Mapping[str, Any], Sequence[int], int, int], dict[str, float]]
+
+
 def plan_onnxruntime(
     model: nn.Module,
     input_shape: Sequence[int],
@@ -519,21 +525,23 @@ def plan_onnxruntime(
     threads: int | None = None,
     opset: int = DEFAULT_OPSET,
     progress: Callable[[int, int, str], None] | None = None,
+    timer: SessionTimer = _time_sessions,
 ) -> Any:
     """An :class:`~stjfd_convert.planner.ExecutionPlan` measured in onnxruntime (device :data:`ORT_DEVICE`).
 
     For every DecomposedConv3d and the input shape it sees for a model input of ``input_shape``
     (``planner.trace_layer_inputs``), each form of that one layer is exported (:func:`export_module`,
     the module a full export would use) to an in-memory ONNX model and loaded into a CPU session
-    with the options :func:`ort_session` uses for latency (``threads``). The forms are timed
-    round-robin, fastest run of ``repeats`` rounds after ``warmup`` (see :func:`_time_sessions`), and a
-    non-fused form replaces fused only when it is faster by ``planner.MEASURE_MARGIN``, as in
-    ``plan_model(measure=True)``. ``measured`` holds seconds per form (a pruned form: its fastest
+    with the options :func:`ort_session` uses for latency (``threads``). ``timer`` times the forms
+    (the default, :func:`_time_sessions`: round-robin, fastest run of ``repeats`` rounds after
+    ``warmup``, on the wall clock; tests pass fixed times), and a non-fused form replaces fused only
+    when it is faster by ``planner.MEASURE_MARGIN`` (``planner.choose_measured_form``, as in
+    ``plan_model(measure=True)``). ``measured`` holds seconds per form (a pruned form: its fastest
     before it was dropped); ``predicted`` is the PyTorch-CPU cost model's, for comparison.
     ``progress(i, n, layer_name)`` is called after each layer. ``model`` is not modified.
     """
     from .functional.cost import form_cost, predict_seconds
-    from .planner import MEASURE_MARGIN, ExecutionPlan, LayerChoice, trace_layer_inputs
+    from .planner import ExecutionPlan, LayerChoice, choose_measured_form, trace_layer_inputs
 
     unknown = [f for f in forms if f not in FORMS]
     if unknown:
@@ -552,10 +560,9 @@ def plan_onnxruntime(
         batch, _, t, h, w = shape
         args = (layer.geometry, layer.num_temporal_atoms, layer.num_spatial_atoms, batch, t, h, w)
         sessions = {form: ort_session(_layer_graph(export_module(layer, form), shape, opset), threads) for form in forms}
-        measured = _time_sessions(sessions, shape, repeats, warmup)
+        measured = dict(timer(sessions, shape, repeats, warmup))
         del sessions
-        fastest = min(measured, key=measured.__getitem__)
-        form = fastest if measured[fastest] <= MEASURE_MARGIN * measured["fused"] else "fused"
+        form = choose_measured_form(measured)
         choices.append(
             LayerChoice(
                 name,

@@ -36,7 +36,7 @@ from stjfd_convert.export import (
 from stjfd_convert.layers import FORMS, DecomposedConv3d
 from stjfd_convert.models import TORCHVISION_VIDEO_ARCHS
 from stjfd_convert.parity import make_input
-from stjfd_convert.planner import layer_plan_key, plan_model
+from stjfd_convert.planner import MEASURE_MARGIN, choose_measured_form, layer_plan_key, plan_model
 from stjfd_convert.saved_model import MANIFEST_FILE, load_converted
 from stjfd_convert.workflows import convert_checkpoint
 
@@ -300,17 +300,16 @@ def test_auto_follows_a_plan_held_in_memory(tiny_dir: Path, tmp_path: Path) -> N
 # auto --measure: the plan measured in onnxruntime
 # --------------------------------------------------------------------------------------------
 
-# Two layers whose fastest onnxruntime form is obvious (batch 1, 8 frames):
-# - "strided": full rank (3 temporal × 9 spatial atoms), 3 → 2 channels, spatial stride 4. Every
-#   decomposed form does more work than the one dense conv: atoms-first, sandwich and temporal-first
-#   run atom convs at the full 160² input resolution (sandwich even a 1×1×1 conv to 2·9 channels
-#   there), and spatial-first adds a 27-channel depthwise conv to a GEMM as large as fused's.
-# - "wide": a 7×7 kernel kept as 1 spatial × 1 temporal atom, 2 → 64 channels at 40²: dense is
-#   2·64·49 MACs per output voxel, the decomposed forms 2·49 + 2·64 (13× fewer).
-OBVIOUS_SHAPE = (1, 3, 8, 160, 160)
+# Two layers of different input shapes: "strided" (3 → 2 channels, spatial stride 4) sees the model
+# input, "wide" (a 7×7 kernel kept as 1 × 1 atoms, 2 → 64 channels) sees the strided output. Which
+# form onnxruntime runs faster is not asserted (on a busy 2-core machine the wall clock inverts close
+# calls, issue 15): the choice is tested with fixed per-form times (FakeSessionTimer), the real timing
+# only for running and giving finite positive times.
+PLAN_SHAPE = (1, 3, 4, 32, 32)
+STRIDED_INPUT, WIDE_INPUT = PLAN_SHAPE, (1, 2, 4, 8, 8)
 
 
-def obvious_model() -> nn.Module:
+def two_layer_model() -> nn.Module:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         strided = DecomposedConv3d(3, 2, 3, stride=(1, 4, 4), padding=1, num_temporal_atoms=3, num_spatial_atoms=9)
@@ -318,31 +317,74 @@ def obvious_model() -> nn.Module:
     return nn.Sequential(OrderedDict(strided=strided, relu=nn.ReLU(), wide=wide)).eval()
 
 
-def test_plan_onnxruntime_picks_the_obvious_forms(tmp_path: Path) -> None:
+class FakeSessionTimer:
+    """A ``plan_onnxruntime`` timer returning fixed seconds per form, keyed by the layer's input shape."""
+
+    def __init__(self, times: dict[tuple[int, ...], dict[str, float]]) -> None:
+        self.times = times
+        self.calls: list[tuple[dict[str, Any], tuple[int, ...], int, int]] = []
+
+    def __call__(self, sessions: Any, feed_shape: Any, repeats: int, warmup: int) -> dict[str, float]:
+        self.calls.append((dict(sessions), tuple(feed_shape), repeats, warmup))
+        return dict(self.times[tuple(feed_shape)])
+
+
+def fake_times(fastest: str, seconds: float, others: float = 1.0) -> dict[str, float]:
+    return {form: seconds if form == fastest else others for form in FORMS}
+
+
+def test_plan_onnxruntime_picks_and_stores_the_lowest_time(tmp_path: Path) -> None:
     from stjfd_convert.planner import apply_plan
 
-    model = obvious_model()
-    plan = plan_onnxruntime(model, OBVIOUS_SHAPE, threads=2)
+    model = two_layer_model()
+    times = {STRIDED_INPUT: fake_times("fused", 0.1), WIDE_INPUT: fake_times("sandwich", 0.2)}
+    timer = FakeSessionTimer(times)
+    plan = plan_onnxruntime(model, PLAN_SHAPE, threads=1, repeats=4, warmup=2, timer=timer)
     assert (plan.device, plan.dtype, plan.measured) == (ORT_DEVICE, "float32", True)
-    assert plan.input_shape == OBVIOUS_SHAPE
+    assert plan.input_shape == PLAN_SHAPE
+    assert plan.modes == {"strided": "fused", "wide": "sandwich"}
     choices = {choice.name: choice for choice in plan.layers}
-    assert choices["strided"].input_shape == OBVIOUS_SHAPE
-    assert choices["wide"].input_shape == (1, 2, 8, 40, 40)
-    for choice in plan.layers:
-        assert set(choice.measured) == set(FORMS) and all(0 < t < float("inf") for t in choice.measured.values())
-    assert choices["strided"].form == "fused", choices["strided"].measured
-    assert choices["wide"].form != "fused", choices["wide"].measured
+    assert choices["strided"].measured == times[STRIDED_INPUT] and choices["wide"].measured == times[WIDE_INPUT]
+    assert (choices["strided"].input_shape, choices["wide"].input_shape) == (STRIDED_INPUT, WIDE_INPUT)
+    # The timer got one onnxruntime session per form (fused always included), each on that layer
+    # alone at the shape it sees, and the repeats/warm-up asked for.
+    assert [feed_shape for _, feed_shape, _, _ in timer.calls] == [STRIDED_INPUT, WIDE_INPUT]
+    for sessions, feed_shape, repeats, warmup in timer.calls:
+        assert set(sessions) == set(FORMS) and (repeats, warmup) == (4, 2)
+        assert all(list(s.get_inputs()[0].shape) == list(feed_shape) for s in sessions.values())
     assert all(m.mode == "fused" for m in model.modules() if isinstance(m, DecomposedConv3d))  # untouched
 
     # A plan held in memory under its onnxruntime key wins over a CPU one for the same input.
-    cpu_plan = plan_model(model, OBVIOUS_SHAPE, measure=False)
+    cpu_plan = plan_model(model, PLAN_SHAPE, measure=False)
     for choice in cpu_plan.layers:
         choice.form = "temporal_first"
     apply_plan(model, cpu_plan, mode="auto")
     apply_plan(model, plan, mode="auto")
-    result = export_onnx(model, tmp_path / "m.onnx", input_shape=OBVIOUS_SHAPE, runs=0, clips=1)
+    result = export_onnx(model, tmp_path / "m.onnx", input_shape=PLAN_SHAPE, runs=0, clips=1)
     assert result.forms == plan.modes and result.plan_source == "the layers' own execution plan"
     assert result.validation is not None and result.validation.passed
+
+
+@pytest.mark.parametrize(
+    ("ratio", "chosen"), [(0.5, "factorized"), (MEASURE_MARGIN, "factorized"), (0.99, "fused")]
+)
+def test_plan_onnxruntime_keeps_fused_unless_beaten_by_the_margin(ratio: float, chosen: str) -> None:
+    # fused takes 1 s, factorized ``ratio`` s; only the forms asked for (and fused) are timed.
+    seconds = {"fused": 1.0, "factorized": ratio}
+    timer = FakeSessionTimer({STRIDED_INPUT: seconds, WIDE_INPUT: seconds})
+    plan = plan_onnxruntime(two_layer_model(), PLAN_SHAPE, forms=("factorized",), threads=1, timer=timer)
+    assert all(list(sessions) == ["fused", "factorized"] for sessions, _, _, _ in timer.calls)
+    assert plan.modes == {"strided": chosen, "wide": chosen}
+    assert choose_measured_form(seconds) == chosen
+
+
+def test_plan_onnxruntime_runs_the_real_timer() -> None:
+    # The wall-clock timer: every form gets a finite positive time. Which is faster is not asserted.
+    plan = plan_onnxruntime(two_layer_model(), PLAN_SHAPE, threads=1, repeats=1)
+    for choice in plan.layers:
+        assert set(choice.measured) == set(FORMS)
+        assert all(0 < seconds < float("inf") for seconds in choice.measured.values())
+        assert choice.form == choose_measured_form(choice.measured)
 
 
 def test_measured_plan_is_stored_and_reused(tiny_dir: Path, tmp_path: Path) -> None:
