@@ -412,6 +412,42 @@ def _import_av() -> Any:
     return av
 
 
+def _open_options(av: Any) -> dict[str, Any]:
+    """Keyword arguments for ``av.open`` that keep videos with non-UTF-8 metadata readable.
+
+    PyAV ≤ 18 decodes every stream's metadata when the file is opened and, by default, raises
+    ``UnicodeDecodeError`` on a tag that is not UTF-8 (e.g. a cp1251 title in an old AVI), so such a video
+    would be dropped: ``metadata_errors="ignore"`` prevents that. PyAV 19 removed the argument (passing it
+    is a ``TypeError``); it decodes metadata with ``surrogateescape``, which never raises.
+    """
+    return {"metadata_errors": "ignore"} if _pyav_major(av) < 19 else {}
+
+
+def _pyav_major(av: Any) -> int:
+    return int(str(av.__version__).split(".", 1)[0])
+
+
+def _rgb_converter(av: Any, width: int, height: int) -> Callable[[Any], np.ndarray]:
+    """A function turning decoded frames into ``uint8 [height, width, 3]`` RGB arrays.
+
+    It owns its ``VideoReformatter`` (swscale context), made in the calling process. PyAV 19's
+    ``frame.to_ndarray(format=...)`` reuses one per thread instead, and a DataLoader worker forked from a
+    process that had converted frames inherits it without the swscale threads it waits on: a deadlock.
+    In workers swscale runs on one thread (PyAV ≥ 17 defaults to one per core), as decoding does.
+    """
+    from av.video.reformatter import VideoReformatter
+
+    reformatter = VideoReformatter()
+    options: dict[str, Any] = {"format": "rgb24", "width": width, "height": height}
+    if torch.utils.data.get_worker_info() is not None and _pyav_major(av) >= 17:
+        options["threads"] = 1
+
+    def convert(frame: Any) -> np.ndarray:
+        return reformatter.reformat(frame, **options).to_ndarray()
+
+    return convert
+
+
 def _read_errors() -> tuple[type[BaseException], ...]:
     errors: tuple[type[BaseException], ...] = (_LoadFailure, OSError, ValueError, EOFError, IndexError, RuntimeError)
     try:
@@ -453,7 +489,7 @@ def _video_frame_count(container: Any, stream: Any) -> int | None:
 
 def _open_video(path: Path) -> tuple[Any, Any]:
     av = _import_av()
-    container = av.open(str(path), metadata_errors="ignore")
+    container = av.open(str(path), **_open_options(av))
     if not container.streams.video:
         container.close()
         raise _LoadFailure("no video stream")
@@ -511,14 +547,16 @@ def _decode_video(
         num_frames = _video_frame_count(container, stream) or num_frames_hint or _count_packets(path)
         indices = pick(num_frames)
         wanted = np.unique(indices)
+        # An unknown time base is falsy: None before PyAV 19, the unset AVRational(0, 1) from 19 on.
         rate, time_base = _frame_rate(stream), stream.time_base
         start_pts = stream.start_time or 0
         # Frames are converted at the stream's size (a mid-stream size change is scaled back to it).
         height, width = stream.codec_context.height, stream.codec_context.width
+        to_rgb = _rgb_converter(_import_av(), width, height)
         got: dict[int, np.ndarray] = {}
 
         def frame_index(frame: Any, ordinal: int, seeked: bool) -> int | None:
-            if frame.pts is None or rate is None or time_base is None:
+            if frame.pts is None or rate is None or not time_base:
                 return None if seeked else ordinal
             return round(float((frame.pts - start_pts) * time_base * rate))
 
@@ -537,17 +575,14 @@ def _decode_video(
                     break
                 if index in got or index not in wanted_set:
                     continue
-                if (frame.height, frame.width) == (height, width):
-                    got[index] = frame.to_ndarray(format="rgb24")
-                else:
-                    got[index] = frame.to_ndarray(format="rgb24", width=width, height=height)
+                got[index] = to_rgb(frame)
                 if len(got) == len(wanted):
                     break
             return True
 
         wanted_set = set(int(i) for i in wanted)
         first = int(wanted[0])
-        can_seek = first > 0 and rate is not None and time_base is not None
+        can_seek = first > 0 and rate is not None and bool(time_base)
         if not decode(first if can_seek else 0):
             got.clear()
             container.seek(start_pts, stream=stream, backward=True, any_frame=False)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +184,37 @@ def test_short_video_loops(tmp_path: Path, name: str) -> None:
     np.testing.assert_array_equal(_red_indices(ds[0][0]), [0, 2, 4, 1, 3, 0, 2, 4])
 
 
+def _write_video_with_title(path: Path, frames: np.ndarray, title: str) -> Path:
+    """Like ``write_video``, with ``title`` as container and stream metadata."""
+    import av
+
+    codec, options = encoder_for(path.suffix)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=25)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.options = dict(options)
+        stream.metadata["title"] = container.metadata["title"] = title
+        for array in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(array), format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+@pytest.mark.parametrize("ext", [".mp4", ".mkv"])
+def test_video_with_non_utf8_metadata_is_read(tmp_path: Path, ext: str) -> None:
+    """PyAV ≤ 18 raises UnicodeDecodeError at open on a cp1251 title unless told to ignore it; PyAV 19
+    removed that option (and never raises). Either way the video is kept and decodes."""
+    frames = indexed_frames(8, 32, 32)
+    path = _write_video_with_title(tmp_path / f"v{ext}", frames, "STJFD-TITLE")
+    data = path.read_bytes()
+    assert data.count(b"STJFD-TITLE") == 2
+    path.write_bytes(data.replace(b"STJFD-TITLE", "Привет-мир!".encode("cp1251")))  # same length, not UTF-8
+    config = ClipConfig(clip_len=8, size=32, resize=32, layout="THWC", dtype="uint8")
+    ds = ClipDataset([VideoSource(path, 0)], ["a"], config, probe="decode")
+    assert ds.skipped == [] and ds.sources[0].num_frames == 8
+    np.testing.assert_array_equal(_red_indices(ds[0][0]), np.arange(8))
+
+
 def test_seek_selects_late_frames(indexed: Path) -> None:
     """A clip near the end of a long-GOP video still gets exactly the frames asked for."""
     ds = _dataset(indexed, ".mp4", clip_len=4, frame_stride=1, clips_per_video=3)
@@ -356,6 +391,30 @@ def test_val_loader_workers_match_single_process(shapes_root: Path) -> None:
     multi = [(c.clone(), y.clone()) for c, y in make_loader(val, 2, shuffle=False, workers=2, seed=0)]
     assert len(single) == 2 and [c.shape[0] for c, _ in single] == [2, 1]
     assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(single, multi))
+
+
+def test_workers_forked_after_decoding_in_the_main_process(shapes_root: Path) -> None:
+    """PyAV 19 keeps one swscale context per thread; a worker forked from a thread that had converted
+    frames inherited it without its threads and hung. Run in a subprocess so a hang fails, not stalls."""
+    script = (
+        "from stjfd_convert.data import build_datasets, make_loader\n"
+        f"_, val, _ = build_datasets({str(shapes_root)!r}, clip_len=4, size=24)\n"
+        "val[0]\n"
+        "print([tuple(c.shape) for c, _ in make_loader(val, 2, shuffle=False, workers=2)])\n"
+    )
+    # A session of its own, so that a timeout can kill the hung workers too.
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail("DataLoader workers hung after the main process had decoded frames")
+    assert process.returncode == 0, stderr
+    assert stdout.strip() == "[(2, 3, 4, 24, 24), (1, 3, 4, 24, 24)]"
 
 
 def test_train_loader_replays_epochs_with_any_worker_count(shapes_root: Path) -> None:
