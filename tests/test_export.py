@@ -20,7 +20,6 @@ from torch import nn
 from torchvision.models import video as tv_video
 
 from cli_helpers import assert_no_output, assert_one_error_line, leftovers, run_cli, write_tiny
-from stjfd_convert import export as export_module
 from stjfd_convert.config import ConvertConfig
 from stjfd_convert.export import (
     DEFAULT_ATOL,
@@ -33,6 +32,7 @@ from stjfd_convert.export import (
     plan_onnxruntime,
     predict,
 )
+from stjfd_convert.export import graph as export_graph  # the module that reads PROTOBUF_LIMIT
 from stjfd_convert.layers import FORMS, DecomposedConv3d
 from stjfd_convert.models import TORCHVISION_VIDEO_ARCHS
 from stjfd_convert.parity import make_input
@@ -456,8 +456,8 @@ def test_fp16_halves_the_file_and_keeps_float_inputs(tiny_dir: Path, tmp_path: P
 
 def test_external_data_above_the_protobuf_limit(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Pretend the limit is tiny so that the real external-data path runs on a small model.
-    monkeypatch.setattr(export_module, "PROTOBUF_LIMIT", 1024)
-    monkeypatch.setattr(export_module, "EXTERNAL_DATA_MARGIN", 0)
+    monkeypatch.setattr(export_graph, "PROTOBUF_LIMIT", 1024)
+    monkeypatch.setattr(export_graph, "EXTERNAL_DATA_MARGIN", 0)
     target = tmp_path / "big.onnx"
     result = export_onnx(tiny_dir, target, mode="fused", runs=1, trust_code=True)
     data_file = tmp_path / "big.onnx.data"

@@ -1,0 +1,154 @@
+"""``stjfd predict``: the top classes of a video's centre clip with an exported ONNX model."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import ConfigError
+from .base import META_PREFIX
+from .runtime import ort_session
+from .source import _normalization
+
+
+@dataclass
+class Prediction:
+    """Top-k classes of one clip of a video."""
+
+    video: Path
+    model: Path
+    input_shape: tuple[int, ...]
+    normalization: dict[str, list[float]]
+    normalization_source: str
+    top: list[dict[str, Any]]  # {"rank", "index", "label", "probability", "logit"}
+    num_classes: int
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["video"] = str(self.video)
+        data["model"] = str(self.model)
+        data["input_shape"] = list(self.input_shape)
+        return data
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{what} {text!r} is not a comma-separated list of numbers", "e.g. 0.45,0.45,0.45") from None
+
+
+def _read_labels(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read labels file {path}: {exc}", "pass a UTF-8 text file with one label per line") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return [line.strip() for line in lines]
+
+
+def predict(
+    model_path: str | os.PathLike[str],
+    video: str | os.PathLike[str],
+    *,
+    labels: str | os.PathLike[str] | None = None,
+    top_k: int = 5,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    threads: int | None = None,
+) -> Prediction:
+    """Classify the centre clip of ``video`` with an exported ONNX model (onnxruntime, CPU).
+
+    Clip length and frame size come from the graph's input (or, for dynamic axes, from the export
+    shape stored in its metadata); decoding is ``data.ClipDataset``'s evaluation path (centre clip,
+    short side resized to 128/112 of the crop, centre crop). Mean/std come from ``mean``/``std`` or
+    else from the metadata written at export time.
+    """
+    start = time.perf_counter()
+    model_path, video = Path(model_path), Path(video)
+    if top_k < 1:
+        raise ConfigError(f"--top-k must be ≥ 1, got {top_k}", "e.g. --top-k 5")
+    if not model_path.is_file():
+        raise ConfigError(f"ONNX model {model_path} does not exist", "pass the file written by `stjfd export --onnx`")
+    if not video.is_file():
+        raise ConfigError(f"video {video} does not exist", "pass a video file (.mp4, .avi, .mkv, …)")
+    label_names = _read_labels(Path(labels)) if labels is not None else None
+    session = ort_session(model_path, threads)
+    meta = dict(session.get_modelmeta().custom_metadata_map or {})
+    graph_input = session.get_inputs()[0]
+    stored = _floats(meta.get(f"{META_PREFIX}input_shape", ""), "stored input shape") if meta.get(f"{META_PREFIX}input_shape") else []
+    dims = list(graph_input.shape)
+    if len(dims) != 5:
+        raise ConfigError(f"{model_path.name} takes a {len(dims)}-D input; predict needs [batch, 3, time, height, width]",
+                          "export a video model")
+    shape = []
+    for axis, dim in enumerate(dims):
+        if isinstance(dim, int) and dim > 0:
+            shape.append(dim)
+        elif axis == 0:
+            shape.append(1)
+        elif stored:
+            shape.append(int(stored[axis]))
+        else:
+            raise ConfigError(f"{model_path.name} has a dynamic axis {axis} and no stored export shape", "re-export with stjfd")
+    batch, channels, clip_len, height, width = shape
+    if channels != 3:
+        raise ConfigError(f"{model_path.name} expects {channels} input channels, not RGB", "export an RGB video model")
+    if mean is not None or std is not None:
+        norm = _normalization(None, mean, std)
+        source = "--mean/--std"
+    elif f"{META_PREFIX}mean" in meta and f"{META_PREFIX}std" in meta:
+        norm = {"mean": _floats(meta[f"{META_PREFIX}mean"], "stored mean"), "std": _floats(meta[f"{META_PREFIX}std"], "stored std")}
+        source = "ONNX metadata"
+    else:
+        raise ConfigError(
+            f"{model_path.name} records no normalisation (mean/std)", "pass --mean and --std, e.g. --mean 0.45,0.45,0.45 --std 0.225,0.225,0.225"
+        )
+    assert norm is not None
+    from ..data import ClipConfig, ClipDataset, VideoSource
+
+    config = ClipConfig(clip_len=clip_len, size=(height, width), mean=tuple(norm["mean"]), std=tuple(norm["std"]))
+    dataset = ClipDataset([VideoSource(video, -1)], ["video"], config, probe="metadata", probe_workers=1, name=str(video))
+    clip, _ = dataset[0]  # float32 [3, T, H, W]; DataError if it cannot be decoded
+    x = clip.unsqueeze(0).expand(batch, -1, -1, -1, -1).contiguous().numpy()
+    try:
+        outputs = session.run(None, {graph_input.name: x})
+    except Exception as exc:  # onnxruntime errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"onnxruntime failed on the clip: {first[:300]}", "check that the model was exported by stjfd") from None
+    logits = np.asarray(outputs[0], dtype=np.float64).reshape(batch, -1)[0]
+    num_classes = logits.shape[0]
+    if label_names is None and f"{META_PREFIX}classes" in meta:
+        try:
+            stored_names = json.loads(meta[f"{META_PREFIX}classes"])
+        except json.JSONDecodeError:
+            stored_names = None
+        if isinstance(stored_names, list) and len(stored_names) == num_classes:
+            label_names = [str(name) for name in stored_names]
+    if label_names is not None and len(label_names) < num_classes:
+        raise ConfigError(
+            f"{labels} has {len(label_names)} labels but the model has {num_classes} classes",
+            "give one label per line, in class-index order",
+        )
+    shifted = np.exp(logits - logits.max())
+    probabilities = shifted / shifted.sum()
+    order = np.argsort(-logits, kind="stable")[: min(top_k, num_classes)]
+    top = [
+        {
+            "rank": rank,
+            "index": int(i),
+            "label": label_names[int(i)] if label_names is not None else str(int(i)),
+            "probability": float(probabilities[i]),
+            "logit": float(logits[i]),
+        }
+        for rank, i in enumerate(order, start=1)
+    ]
+    return Prediction(video, model_path, tuple(shape), norm, source, top, num_classes, time.perf_counter() - start)
