@@ -30,6 +30,7 @@ sample does not depend on the number of workers or on which worker loads it. The
 from __future__ import annotations
 
 import csv
+import gc
 import math
 import os
 import random
@@ -1047,6 +1048,11 @@ class ClipLoader(DataLoader):
         sampler = self.batch_sampler.sampler if self.batch_sampler is not None else self.sampler
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
+        if self.num_workers > 0:
+            # PyAV ≤ 13 leaves every closed container to the cyclic GC (streams and container refer to each
+            # other). A worker forked before that GC ran would free the container itself and hang on the
+            # decoder threads it did not inherit; collecting here frees them where those threads exist.
+            gc.collect()
         return super().__iter__()
 
 
