@@ -1015,9 +1015,11 @@ def _worker_init(worker_id: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.set_num_threads(1)
-    # Ctrl-C is the main process's to handle (finish the step, save, exit 130); a worker killed by
-    # the terminal's SIGINT would break that under spawn/forkserver start methods.
+    # Ctrl-C and SIGTERM are the main process's to handle (finish the step, save, exit 130 / 143). Both
+    # reach every process of the group (the terminal's Ctrl-C; `timeout`, `docker stop`), and a worker
+    # they killed would make the main process fail with "DataLoader worker … killed by signal" instead.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class ClipLoader(DataLoader):

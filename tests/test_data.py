@@ -417,6 +417,27 @@ def test_workers_forked_after_decoding_in_the_main_process(shapes_root: Path) ->
     assert stdout.strip() == "[(2, 3, 4, 24, 24), (1, 3, 4, 24, 24)]"
 
 
+class _SignalsItsLoader(torch.utils.data.Dataset):
+    """Each item sends ``sig`` to the process that loads it (a DataLoader worker)."""
+
+    def __init__(self, sig: int) -> None:
+        self.sig = sig
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        os.kill(os.getpid(), self.sig)
+        return torch.tensor(index)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_workers_ignore_the_signals_the_main_process_handles(sig: int) -> None:
+    """Ctrl-C and `timeout`/`docker stop` signal the whole process group; the workers must survive them."""
+    loader = make_loader(_SignalsItsLoader(sig), batch_size=1, shuffle=False, workers=1)
+    assert [int(batch) for batch in loader] == [0, 1]
+
+
 def test_train_loader_replays_epochs_with_any_worker_count(shapes_root: Path) -> None:
     train, _, _ = build_datasets(shapes_root, clip_len=4, size=24, arch="r3d_18", seed=3)
 
