@@ -52,8 +52,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .errors import ConfigError, StjfdError
-from .models import TORCHVISION_VIDEO_ARCHS
+from ..errors import ConfigError, StjfdError
+from ..models import TORCHVISION_VIDEO_ARCHS
 
 __all__ = [
     "ClipConfig",
