@@ -1,5 +1,6 @@
-"""The bottom of the export package: its constants, errors, optional imports (onnx, onnxruntime)
-and the checks of ``--opset`` and ``--dynamic``. Every other module of the package imports from here."""
+"""The bottom of the export package: its shared constants, errors, optional imports (onnx,
+onnxruntime) and the checks of ``--opset`` and ``--dynamic``. It imports nothing from the package at
+run time (``results.ExportResult`` is a type only); the modules that need these import from here."""
 
 from __future__ import annotations
 

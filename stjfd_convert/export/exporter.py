@@ -1,5 +1,5 @@
-"""``export_onnx``, the one entry point the CLI uses: load, choose the forms, write the graph in a
-staging folder, validate, time, publish."""
+"""``export_onnx``, the one entry point the CLI uses: check the options, load the model, choose the
+forms, write the graph in a staging folder, validate, time, publish."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .. import __version__
 from ..atomic import check_output, make_staging_dir
@@ -40,9 +41,9 @@ from .base import (
 )
 from .graph import _graph_stats, _write_graph
 from .modules import _decomposed_layers, _export_friendly, resolve_forms
-from .results import ExportResult
+from .results import ExportResult, GraphStats, ValidationReport
 from .runtime import DEFAULT_PLAN_REPEATS, PLAN_BLOCK, _time_interleaved, ort_session, plan_onnxruntime
-from .source import _load_source, _normalization
+from .source import _load_source, _normalization, _Source
 from .validate import validate_onnx, validation_shapes
 
 
@@ -67,6 +68,260 @@ def _publish(files: Sequence[Path], target: Path) -> list[Path]:
         data_target.unlink()  # a stale external-data file of an earlier, larger export
     os.replace(files[0], target)
     return [target, *final]
+
+
+@dataclass(frozen=True)
+class _Options:
+    """What one export was asked for, checked (everything but the model and the output path)."""
+
+    mode: str
+    measure: bool
+    measure_repeats: int
+    opset: int
+    dynamic: tuple[str, ...]
+    fp16: bool
+    atol: float  # the tolerance validation uses: --atol, else DEFAULT_ATOL / FP16_ATOL
+    validate: bool
+    clips: int
+    compare: bool
+    runs: int
+    warmup: int
+    threads: int | None
+
+    @property
+    def needs_onnxruntime(self) -> bool:
+        return self.validate or self.runs > 0 or self.compare or self.measure
+
+
+def _check_options(
+    *,
+    mode: str,
+    measure: bool,
+    measure_repeats: int,
+    opset: int,
+    dynamic_axes: str | Sequence[str] | None,
+    fp16: bool,
+    atol: float | None,
+    validate: bool,
+    clips: int,
+    compare: bool,
+    runs: int,
+    warmup: int,
+    threads: int | None,
+) -> _Options:
+    """``export_onnx``'s options checked before any work; a bad one raises ConfigError naming its flag."""
+    check_opset(opset)
+    dynamic = parse_dynamic_axes(dynamic_axes)
+    if mode not in EXPORT_MODES:
+        raise ConfigError(f"unknown --mode {mode!r}", f"use one of {', '.join(EXPORT_MODES)}")
+    if clips < 1:
+        raise ConfigError(f"--clips must be ≥ 1, got {clips}", "e.g. --clips 3")
+    if runs < 0 or warmup < 0:
+        raise ConfigError("--runs and --warmup must be ≥ 0", "e.g. --runs 10")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads must be ≥ 1, got {threads}", "e.g. --threads 2, or leave it out")
+    if measure and mode != "auto":
+        raise ConfigError(f"--measure plans the forms of --mode auto, not --mode {mode}", "drop --measure, or use --mode auto")
+    if measure and measure_repeats < 1:
+        raise ConfigError(f"--measure-repeats must be ≥ 1, got {measure_repeats}", "e.g. --measure-repeats 6")
+    tolerance = float(atol) if atol is not None else (FP16_ATOL if fp16 else DEFAULT_ATOL)
+    if not tolerance > 0:
+        raise ConfigError(f"--atol must be > 0, got {atol}", "e.g. --atol 1e-4")
+    return _Options(
+        mode, measure, measure_repeats, opset, dynamic, fp16, tolerance, validate, clips, compare, runs, warmup, threads
+    )
+
+
+def _export_shape(source: _Source, input_shape: Sequence[int] | None, dynamic: Sequence[str]) -> tuple[int, ...]:
+    """``--input-shape``, else the shape the source records or its architecture's default."""
+    shape = tuple(int(s) for s in input_shape) if input_shape else source.input_shape
+    if shape is None:
+        raise ConfigError(
+            "the export input shape is unknown for this model", "pass --input-shape, e.g. --input-shape 1,3,16,112,112"
+        )
+    if len(shape) != 5 and dynamic:
+        raise ConfigError(
+            f"--dynamic needs a 5-D input [batch, channels, time, height, width], got {'×'.join(map(str, shape))}",
+            "pass a 5-D --input-shape",
+        )
+    return shape
+
+
+@dataclass
+class _ChosenForms:
+    """The form of every decomposed layer and where it came from (with ``measure``: the plan)."""
+
+    forms: dict[str, str]
+    source: str
+    plan: Any = None  # the ExecutionPlan measured in onnxruntime now
+    seconds: float = 0.0
+    saved: Path | None = None  # the manifest it was stored in
+
+
+def _choose_forms(
+    work: nn.Module, source: _Source, shape: tuple[int, ...], options: _Options, step: Callable[[str], None]
+) -> _ChosenForms:
+    """Set (in place) the form of every decomposed layer of ``work``: measured in onnxruntime now
+    (``measure``; stored in a converted folder's manifest), else :func:`resolve_forms`."""
+    if not (options.measure and _decomposed_layers(work)):
+        forms, plan_source = resolve_forms(work, options.mode, shape, source.manifest)
+        return _ChosenForms(forms, plan_source)
+    from ..planner import apply_plan, save_plan
+
+    began = time.perf_counter()
+    plan = plan_onnxruntime(
+        work, shape, repeats=options.measure_repeats, threads=options.threads, opset=options.opset,
+        progress=lambda i, n, name: step(f"measured layer {i}/{n} ({name}) in onnxruntime"),
+    )
+    seconds = time.perf_counter() - began
+    apply_plan(work, plan, mode="fixed")
+    threads_text = f"{options.threads} threads" if options.threads else "default threads"
+    rounds = f"fastest of {options.measure_repeats} rounds × {PLAN_BLOCK} runs per form"
+    saved = save_plan(source.directory, plan) if source.directory is not None else None
+    return _ChosenForms(dict(plan.modes), f"measured in onnxruntime now ({threads_text}, {rounds})", plan, seconds, saved)
+
+
+def _metadata(
+    source: _Source,
+    forms: Mapping[str, str],
+    shape: Sequence[int],
+    options: _Options,
+    normalization: Mapping[str, Sequence[float]] | None,
+) -> dict[str, str]:
+    """The ``stjfd.*`` metadata the graph carries: how it was exported and what ``predict`` needs."""
+    metadata = {
+        f"{META_PREFIX}version": __version__,
+        f"{META_PREFIX}mode": options.mode,
+        f"{META_PREFIX}forms": json.dumps(forms),
+        f"{META_PREFIX}input_shape": ",".join(map(str, shape)),
+        f"{META_PREFIX}layout": LAYOUT,
+        f"{META_PREFIX}dynamic_axes": ",".join(options.dynamic),
+        f"{META_PREFIX}fp16_weights": str(bool(options.fp16)).lower(),
+    }
+    if source.spec is not None:
+        metadata[f"{META_PREFIX}architecture"] = json.dumps(source.spec.to_dict())
+    if normalization is not None:
+        metadata[f"{META_PREFIX}mean"] = ",".join(repr(float(m)) for m in normalization["mean"])
+        metadata[f"{META_PREFIX}std"] = ",".join(repr(float(s)) for s in normalization["std"])
+    classes = ((source.manifest or {}).get("finetune") or {}).get("classes")
+    if isinstance(classes, list) and all(isinstance(c, str) for c in classes):
+        metadata[f"{META_PREFIX}classes"] = json.dumps(classes)  # class names a fine-tuning run trained on
+    return metadata
+
+
+def _write_and_check(
+    onnx: Any,
+    work: nn.Module,
+    source: _Source,
+    staged: Path,
+    shape: tuple[int, ...],
+    options: _Options,
+    chosen: _ChosenForms,
+    normalization: dict[str, list[float]] | None,
+    step: Callable[[str], None],
+) -> tuple[ExportResult, list[Path]]:
+    """Write ``work`` in its chosen forms to ``staged`` and check it; the result (no path yet) and
+    the staged files."""
+    example = make_input(shape, torch.float32, seed=0)
+    # Every form is an exact reformulation of the dense conv (DESIGN.md §2), so the PyTorch reference
+    # runs the dense model: the fastest form on CPU, and independent of the export modules under test.
+    reference = densify(work)
+    reference_outputs = flatten_outputs(run_model(reference, example))
+    if not reference_outputs:
+        raise ConfigError("the model returned no tensors", "export a model whose forward returns tensors")
+    metadata = _metadata(source, chosen.forms, shape, options, normalization)
+    step(f"exporting ({EXPORTER} exporter, opset {options.opset})")
+    files, external = _write_graph(
+        _export_friendly(work, chosen.forms), example, staged, opset=options.opset, dynamic=options.dynamic,
+        n_outputs=len(reference_outputs), fp16=options.fp16, metadata=metadata,
+    )
+    stats = _graph_stats(onnx, files)
+    validation, original = _validate_and_time(onnx, staged, reference, reference_outputs, example, stats, options, step)
+    result = ExportResult(
+        path=None,
+        source=source.description,
+        mode=options.mode,
+        forms=chosen.forms,
+        plan_source=chosen.source,
+        exporter=EXPORTER,
+        opset=options.opset,
+        input_shape=shape,
+        dynamic_axes=options.dynamic,
+        fp16=options.fp16,
+        external_data=external,
+        checker_passed=True,
+        stats=stats,
+        validation=validation,
+        latency_shape=shape,
+        threads=options.threads,
+        original=original,
+        normalization=normalization,
+        architecture=source.spec.to_dict() if source.spec else None,
+        notes=[] if chosen.forms else ["the model has no decomposed layers: exported as is (--mode does not apply)"],
+        plan=chosen.plan,
+        plan_seconds=chosen.seconds,
+        plan_saved=chosen.saved,
+    )
+    return result, files
+
+
+def _validate_and_time(
+    onnx: Any,
+    staged: Path,
+    reference: nn.Module,
+    reference_outputs: list[tuple[str, Tensor]],
+    example: Tensor,
+    stats: GraphStats,
+    options: _Options,
+    step: Callable[[str], None],
+) -> tuple[ValidationReport | None, GraphStats | None]:
+    """Validate the staged file, export the dense original beside it (``compare``) and time both.
+
+    A failed validation skips the rest. The onnxruntime sessions end with this call, before any
+    file is moved into place.
+    """
+    shape = tuple(example.shape)
+    session = None
+    validation = None
+    if options.validate:
+        step("validating with onnxruntime")
+        session = ort_session(staged, options.threads)
+        validation = validate_onnx(
+            staged, reference, validation_shapes(shape, options.dynamic, options.clips), atol=options.atol,
+            session=session, known={0: reference_outputs},  # clip 0 is the export example (seed 0)
+        )
+        if not validation.passed:
+            return validation, None
+    timed = options.runs > 0
+    if timed:
+        session = session or ort_session(staged, options.threads)
+    original = None
+    original_session = None
+    if options.compare:
+        step("exporting the dense original for comparison")
+        folder = staged.parent / "original"
+        folder.mkdir()
+        original_files, _ = _write_graph(
+            reference, example, folder / "original.onnx", opset=options.opset, dynamic=options.dynamic,
+            n_outputs=len(reference_outputs), fp16=options.fp16, metadata={f"{META_PREFIX}mode": "original"},
+        )
+        original = _graph_stats(onnx, original_files)
+        if timed:
+            original_session = ort_session(original_files[0], options.threads)
+    if timed:
+        step(f"timing {options.runs} onnxruntime runs" + (" of each model, interleaved" if original_session else ""))
+        _time_interleaved(session, original_session, shape, options.runs, options.warmup, stats, original)
+    return validation, original
+
+
+def _validation_failed(result: ExportResult, target: Path, keep_invalid: bool) -> ExportValidationError:
+    """The error of a failed validation (exit code 1), carrying the full result."""
+    where = f"kept at {target} (--keep-invalid)" if keep_invalid else "no file was written"
+    return ExportValidationError(
+        f"ONNX validation failed: {result.validation.summary()}",  # type: ignore[union-attr]
+        f"{where}; a larger --atol may be justified for --fp16, otherwise report the command",
+        result,
+    )
 
 
 def export_onnx(
@@ -115,28 +370,15 @@ def export_onnx(
     """
     start = time.perf_counter()
     step = progress or (lambda _: None)
-    check_opset(opset)
-    dynamic = parse_dynamic_axes(dynamic_axes)
-    if mode not in EXPORT_MODES:
-        raise ConfigError(f"unknown --mode {mode!r}", f"use one of {', '.join(EXPORT_MODES)}")
-    if clips < 1:
-        raise ConfigError(f"--clips must be ≥ 1, got {clips}", "e.g. --clips 3")
-    if runs < 0 or warmup < 0:
-        raise ConfigError("--runs and --warmup must be ≥ 0", "e.g. --runs 10")
-    if threads is not None and threads < 1:
-        raise ConfigError(f"--threads must be ≥ 1, got {threads}", "e.g. --threads 2, or leave it out")
-    if measure and mode != "auto":
-        raise ConfigError(f"--measure plans the forms of --mode auto, not --mode {mode}", "drop --measure, or use --mode auto")
-    if measure and measure_repeats < 1:
-        raise ConfigError(f"--measure-repeats must be ≥ 1, got {measure_repeats}", "e.g. --measure-repeats 6")
-    tolerance = float(atol) if atol is not None else (FP16_ATOL if fp16 else DEFAULT_ATOL)
-    if not tolerance > 0:
-        raise ConfigError(f"--atol must be > 0, got {atol}", "e.g. --atol 1e-4")
+    options = _check_options(
+        mode=mode, measure=measure, measure_repeats=measure_repeats, opset=opset, dynamic_axes=dynamic_axes,
+        fp16=fp16, atol=atol, validate=validate, clips=clips, compare=compare, runs=runs, warmup=warmup, threads=threads,
+    )
     sources = [] if isinstance(model_or_dir, nn.Module) else [model_or_dir, *model_source_paths(model)]
     target = check_output(Path(path), "onnx", force=force, inputs=sources)
     # Fail on a missing dependency before any long work.
     onnx = _import_onnx()
-    if validate or runs > 0 or compare or measure:
+    if options.needs_onnxruntime:
         _import_ort()
 
     step("loading the model")
@@ -144,132 +386,14 @@ def export_onnx(
         model_or_dir, arch=arch, model=model, model_kwargs=model_kwargs, trust_pickle=trust_pickle,
         trust_code=trust_code,
     )
-    shape = tuple(int(s) for s in input_shape) if input_shape else source.input_shape
-    if shape is None:
-        raise ConfigError(
-            "the export input shape is unknown for this model", "pass --input-shape, e.g. --input-shape 1,3,16,112,112"
-        )
-    if len(shape) != 5 and dynamic:
-        raise ConfigError(
-            f"--dynamic needs a 5-D input [batch, channels, time, height, width], got {'×'.join(map(str, shape))}",
-            "pass a 5-D --input-shape",
-        )
+    shape = _export_shape(source, input_shape, options.dynamic)
     normalization = _normalization(source.spec, mean, std, source.manifest)
-
     work = copy.deepcopy(source.model).eval()
-    plan = None
-    plan_seconds = 0.0
-    plan_saved = None
-    if measure and _decomposed_layers(work):
-        from ..planner import apply_plan, save_plan
-
-        began = time.perf_counter()
-        plan = plan_onnxruntime(
-            work, shape, repeats=measure_repeats, threads=threads, opset=opset,
-            progress=lambda i, n, name: step(f"measured layer {i}/{n} ({name}) in onnxruntime"),
-        )
-        plan_seconds = time.perf_counter() - began
-        apply_plan(work, plan, mode="fixed")
-        forms = dict(plan.modes)
-        threads_text = f"{threads} threads" if threads else "default threads"
-        plan_source = f"measured in onnxruntime now ({threads_text}, fastest of {measure_repeats} rounds × {PLAN_BLOCK} runs per form)"
-        if source.directory is not None:
-            plan_saved = save_plan(source.directory, plan)
-    else:
-        forms, plan_source = resolve_forms(work, mode, shape, source.manifest)
-    notes: list[str] = []
-    if not forms:
-        notes.append("the model has no decomposed layers: exported as is (--mode does not apply)")
-    example = make_input(shape, torch.float32, seed=0)
-    # Every form is an exact reformulation of the dense conv (DESIGN.md §2), so the PyTorch reference
-    # runs the dense model: the fastest form on CPU, and independent of the export modules under test.
-    reference = densify(work)
-    reference_outputs = flatten_outputs(run_model(reference, example))
-    if not reference_outputs:
-        raise ConfigError("the model returned no tensors", "export a model whose forward returns tensors")
-    exportable = _export_friendly(work, forms)
-
-    metadata = {
-        f"{META_PREFIX}version": __version__,
-        f"{META_PREFIX}mode": mode,
-        f"{META_PREFIX}forms": json.dumps(forms),
-        f"{META_PREFIX}input_shape": ",".join(map(str, shape)),
-        f"{META_PREFIX}layout": LAYOUT,
-        f"{META_PREFIX}dynamic_axes": ",".join(dynamic),
-        f"{META_PREFIX}fp16_weights": str(bool(fp16)).lower(),
-    }
-    if source.spec is not None:
-        metadata[f"{META_PREFIX}architecture"] = json.dumps(source.spec.to_dict())
-    if normalization is not None:
-        metadata[f"{META_PREFIX}mean"] = ",".join(repr(float(m)) for m in normalization["mean"])
-        metadata[f"{META_PREFIX}std"] = ",".join(repr(float(s)) for s in normalization["std"])
-    classes = ((source.manifest or {}).get("finetune") or {}).get("classes")
-    if isinstance(classes, list) and all(isinstance(c, str) for c in classes):
-        metadata[f"{META_PREFIX}classes"] = json.dumps(classes)  # class names a fine-tuning run trained on
-
+    chosen = _choose_forms(work, source, shape, options, step)
     with _staging_dir(target) as staging:
-        step(f"exporting ({EXPORTER} exporter, opset {opset})")
         staged = staging / target.name
-        files, external = _write_graph(
-            exportable, example, staged, opset=opset, dynamic=dynamic, n_outputs=len(reference_outputs),
-            fp16=fp16, metadata=metadata,
-        )
-        stats = _graph_stats(onnx, files)
-        session = None
-        validation = None
-        if validate:
-            step("validating with onnxruntime")
-            session = ort_session(staged, threads)
-            validation = validate_onnx(
-                staged, reference, validation_shapes(shape, dynamic, clips), atol=tolerance, session=session,
-                known={0: reference_outputs},  # clip 0 is the export example (seed 0)
-            )
-        failed = validation is not None and not validation.passed
-        timed = runs > 0 and not failed
-        if timed:
-            session = session or ort_session(staged, threads)
-        original = None
-        original_session = None
-        if compare and not failed:
-            step("exporting the dense original for comparison")
-            folder = staging / "original"
-            folder.mkdir()
-            original_files, _ = _write_graph(
-                reference, example, folder / "original.onnx", opset=opset, dynamic=dynamic,
-                n_outputs=len(reference_outputs), fp16=fp16, metadata={f"{META_PREFIX}mode": "original"},
-            )
-            original = _graph_stats(onnx, original_files)
-            if timed:
-                original_session = ort_session(original_files[0], threads)
-        if timed:
-            step(f"timing {runs} onnxruntime runs" + (" of each model, interleaved" if original_session else ""))
-            _time_interleaved(session, original_session, shape, runs, warmup, stats, original)
-        result = ExportResult(
-            path=None,
-            source=source.description,
-            mode=mode,
-            forms=forms,
-            plan_source=plan_source,
-            exporter=EXPORTER,
-            opset=opset,
-            input_shape=shape,
-            dynamic_axes=dynamic,
-            fp16=fp16,
-            external_data=external,
-            checker_passed=True,
-            stats=stats,
-            validation=validation,
-            latency_shape=shape,
-            threads=threads,
-            original=original,
-            normalization=normalization,
-            architecture=source.spec.to_dict() if source.spec else None,
-            notes=notes,
-            plan=plan,
-            plan_seconds=plan_seconds,
-            plan_saved=plan_saved,
-        )
-        del session, original_session
+        result, files = _write_and_check(onnx, work, source, staged, shape, options, chosen, normalization, step)
+        failed = result.validation is not None and not result.validation.passed
         if not failed or keep_invalid:
             final = _publish(files, target)
             result.path = final[0]
@@ -277,10 +401,5 @@ def export_onnx(
             result.kept_invalid = failed
     result.seconds = time.perf_counter() - start
     if failed:
-        where = f"kept at {target} (--keep-invalid)" if keep_invalid else "no file was written"
-        raise ExportValidationError(
-            f"ONNX validation failed: {validation.summary()}",  # type: ignore[union-attr]
-            f"{where}; a larger --atol may be justified for --fp16, otherwise report the command",
-            result,
-        )
+        raise _validation_failed(result, target, keep_invalid)
     return result

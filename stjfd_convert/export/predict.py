@@ -7,7 +7,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -83,6 +83,17 @@ def predict(
     label_names = _read_labels(Path(labels)) if labels is not None else None
     session = ort_session(model_path, threads)
     meta = dict(session.get_modelmeta().custom_metadata_map or {})
+    shape = _clip_shape(session, meta, model_path)
+    norm, source = _clip_normalization(meta, mean, std, model_path)
+    logits = _logits(session, _centre_clip(video, shape, norm))
+    label_names = _class_names(meta, label_names, len(logits), labels)
+    top = _top_classes(logits, top_k, label_names)
+    return Prediction(video, model_path, tuple(shape), norm, source, top, len(logits), time.perf_counter() - start)
+
+
+def _clip_shape(session: Any, meta: Mapping[str, str], model_path: Path) -> list[int]:
+    """The [batch, 3, time, height, width] input to feed: the graph's fixed axes, batch 1 for a
+    dynamic batch, the export shape stored in the metadata for the other dynamic axes."""
     graph_input = session.get_inputs()[0]
     stored = _floats(meta.get(f"{META_PREFIX}input_shape", ""), "stored input shape") if meta.get(f"{META_PREFIX}input_shape") else []
     dims = list(graph_input.shape)
@@ -99,33 +110,53 @@ def predict(
             shape.append(int(stored[axis]))
         else:
             raise ConfigError(f"{model_path.name} has a dynamic axis {axis} and no stored export shape", "re-export with stjfd")
-    batch, channels, clip_len, height, width = shape
+    channels = shape[1]
     if channels != 3:
         raise ConfigError(f"{model_path.name} expects {channels} input channels, not RGB", "export an RGB video model")
+    return shape
+
+
+def _clip_normalization(
+    meta: Mapping[str, str], mean: Sequence[float] | None, std: Sequence[float] | None, model_path: Path
+) -> tuple[dict[str, list[float]], str]:
+    """Mean/std and where they came from: ``--mean``/``--std``, else the ONNX metadata."""
     if mean is not None or std is not None:
         norm = _normalization(None, mean, std)
-        source = "--mean/--std"
-    elif f"{META_PREFIX}mean" in meta and f"{META_PREFIX}std" in meta:
+        assert norm is not None  # _normalization raises unless both are given
+        return norm, "--mean/--std"
+    if f"{META_PREFIX}mean" in meta and f"{META_PREFIX}std" in meta:
         norm = {"mean": _floats(meta[f"{META_PREFIX}mean"], "stored mean"), "std": _floats(meta[f"{META_PREFIX}std"], "stored std")}
-        source = "ONNX metadata"
-    else:
-        raise ConfigError(
-            f"{model_path.name} records no normalisation (mean/std)", "pass --mean and --std, e.g. --mean 0.45,0.45,0.45 --std 0.225,0.225,0.225"
-        )
-    assert norm is not None
+        return norm, "ONNX metadata"
+    raise ConfigError(
+        f"{model_path.name} records no normalisation (mean/std)", "pass --mean and --std, e.g. --mean 0.45,0.45,0.45 --std 0.225,0.225,0.225"
+    )
+
+
+def _centre_clip(video: Path, shape: Sequence[int], norm: Mapping[str, Sequence[float]]) -> np.ndarray:
+    """The centre clip of ``video`` as evaluation decodes it, float32 [batch, 3, T, H, W] (the clip repeated)."""
     from ..data import ClipConfig, ClipDataset, VideoSource
 
+    batch, _, clip_len, height, width = shape
     config = ClipConfig(clip_len=clip_len, size=(height, width), mean=tuple(norm["mean"]), std=tuple(norm["std"]))
     dataset = ClipDataset([VideoSource(video, -1)], ["video"], config, probe="metadata", probe_workers=1, name=str(video))
     clip, _ = dataset[0]  # float32 [3, T, H, W]; DataError if it cannot be decoded
-    x = clip.unsqueeze(0).expand(batch, -1, -1, -1, -1).contiguous().numpy()
+    return clip.unsqueeze(0).expand(batch, -1, -1, -1, -1).contiguous().numpy()
+
+
+def _logits(session: Any, x: np.ndarray) -> np.ndarray:
+    """The first output of the model for the first clip of ``x``, float64 [classes]."""
     try:
-        outputs = session.run(None, {graph_input.name: x})
+        outputs = session.run(None, {session.get_inputs()[0].name: x})
     except Exception as exc:  # onnxruntime errors
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"onnxruntime failed on the clip: {first[:300]}", "check that the model was exported by stjfd") from None
-    logits = np.asarray(outputs[0], dtype=np.float64).reshape(batch, -1)[0]
-    num_classes = logits.shape[0]
+    return np.asarray(outputs[0], dtype=np.float64).reshape(x.shape[0], -1)[0]
+
+
+def _class_names(
+    meta: Mapping[str, str], label_names: list[str] | None, num_classes: int, labels: str | os.PathLike[str] | None
+) -> list[str] | None:
+    """``--labels``, else the class names a fine-tuned model recorded (when they match the classes)."""
     if label_names is None and f"{META_PREFIX}classes" in meta:
         try:
             stored_names = json.loads(meta[f"{META_PREFIX}classes"])
@@ -138,10 +169,15 @@ def predict(
             f"{labels} has {len(label_names)} labels but the model has {num_classes} classes",
             "give one label per line, in class-index order",
         )
+    return label_names
+
+
+def _top_classes(logits: np.ndarray, top_k: int, label_names: list[str] | None) -> list[dict[str, Any]]:
+    """The ``top_k`` classes by logit, with their softmax probabilities."""
     shifted = np.exp(logits - logits.max())
     probabilities = shifted / shifted.sum()
-    order = np.argsort(-logits, kind="stable")[: min(top_k, num_classes)]
-    top = [
+    order = np.argsort(-logits, kind="stable")[: min(top_k, len(logits))]
+    return [
         {
             "rank": rank,
             "index": int(i),
@@ -151,4 +187,3 @@ def predict(
         }
         for rank, i in enumerate(order, start=1)
     ]
-    return Prediction(video, model_path, tuple(shape), norm, source, top, num_classes, time.perf_counter() - start)
