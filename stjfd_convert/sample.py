@@ -10,8 +10,8 @@
   speed, blink rhythm, colour and noise) as float frames in 0..1, and the same as an in-memory dataset
   that :func:`stjfd_convert.finetune.finetune` and :func:`~stjfd_convert.finetune.evaluate` accept.
 
-The checked-in weights (``assets/sample_model.safetensors`` + ``assets/sample_model.json``) are written
-by ``scripts/train_sample_model.py``. The model expects frames scaled to 0..1 without mean/std
+The checked-in weights (``sample_models/sample_model.safetensors`` + ``sample_model.json``, installed as
+the package ``stjfd_convert.sample_models``) are written by ``sample_models/train_sample_model.py``. The model expects frames scaled to 0..1 without mean/std
 normalisation.
 """
 
@@ -225,15 +225,15 @@ class SampleModelFiles:
 
 
 def sample_model_files() -> SampleModelFiles:
-    """Paths of ``assets/sample_model.safetensors`` and ``assets/sample_model.json`` inside the package."""
+    """Paths of ``sample_model.safetensors`` and ``sample_model.json`` in ``stjfd_convert.sample_models``."""
     from .errors import StjfdError
 
-    assets = Path(str(resources.files(__package__).joinpath("assets")))
+    assets = Path(str(resources.files(f"{__package__}.sample_models")))
     files = SampleModelFiles(assets / "sample_model.safetensors", assets / "sample_model.json")
     for path in (files.weights, files.info_path):
         if not path.is_file():
             raise StjfdError(
                 f"the bundled sample model file {path} is missing",
-                "reinstall stjfd, or regenerate it with `python scripts/train_sample_model.py`",
+                "reinstall stjfd, or regenerate it with `python sample_models/train_sample_model.py`",
             )
     return files

@@ -289,7 +289,7 @@ def demo(
 ) -> DemoResult:
     """The main job on the bundled sample model (:mod:`stjfd_convert.sample`), end to end.
 
-    Converts ``assets/sample_model.safetensors`` into ``directory/sample-stjfd``, checks that the saved
+    Converts ``sample_models/sample_model.safetensors`` into ``directory/sample-stjfd``, checks that the saved
     folder reloads bit-identically, measures top-1 of the original and the converted model on
     ``test_clips`` held-out synthetic clips, then fine-tunes the reloaded converted model with the
     alternating schedule (``cycles`` × temporal + spatial stage on ``train_clips`` other clips, run folder

@@ -26,7 +26,7 @@ from stjfd_convert.sample import (
 from stjfd_convert.saved_model import load_converted
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "scripts" / "train_sample_model.py"
+SCRIPT = REPO / "sample_models" / "train_sample_model.py"
 
 # The checked-in model must solve its toy task (the training script refuses to write less than this).
 SAMPLE_MIN_ACCURACY = 0.9
@@ -117,6 +117,18 @@ def test_training_script_tiny_budget(tmp_path: Path) -> None:
     net.load_state_dict(load_file(str(tmp_path / script.WEIGHTS_FILE)), strict=True)
     assert info["sha256"] == sha256_file(tmp_path / script.WEIGHTS_FILE)
     assert sample_model_files().info["sha256"] != info["sha256"]  # the real assets are untouched
+    card = (tmp_path / script.CARD_FILE).read_text()
+    assert f"top-1 {info['val_top1']:.4f}" in card and info["sha256"] in card and "--train-clips 16" in card
+
+
+def test_model_card_is_generated_from_the_checked_in_description() -> None:
+    """sample_models/MODEL_CARD.md says what sample_model.json says (rewrite it with --card-only)."""
+    script = _load_script()
+    files = sample_model_files()
+    card = (files.info_path.parent / script.CARD_FILE).read_text()
+    assert card == script.model_card(files.info)
+    for fragment in ("## Data", "## Training", "## Held-out accuracy", "## Provenance", "train_sample_model.py"):
+        assert fragment in card
 
 
 # --------------------------------------------------------------------------------------------

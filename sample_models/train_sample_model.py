@@ -1,7 +1,8 @@
-"""Train the bundled sample model and write ``stjfd_convert/assets/sample_model.{safetensors,json}``.
+"""Train the bundled sample model: ``sample_models/sample_model.{safetensors,json}`` and ``MODEL_CARD.md``.
 
-    python scripts/train_sample_model.py                 # the checked-in run (seed 0, CPU, ~1–2 min on 2 cores)
-    python scripts/train_sample_model.py -o /tmp/sample  # somewhere else
+    python sample_models/train_sample_model.py                 # the checked-in run (seed 0, CPU, ~3 min on 2 cores)
+    python sample_models/train_sample_model.py -o /tmp/sample  # somewhere else
+    python sample_models/train_sample_model.py --card-only     # rewrite MODEL_CARD.md from sample_model.json
 
 The model (:func:`stjfd_convert.sample.build_sample_net`) is trained from scratch on the synthetic
 moving-shape task (:func:`stjfd_convert.sample.sample_clips`) with stjfd's own fine-tuning loop
@@ -12,7 +13,9 @@ The run stops with an error when held-out accuracy stays below ``--min-accuracy`
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import platform
 import shlex
 import sys
 import time
@@ -23,10 +26,10 @@ from typing import Any
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUTPUT = REPO / "stjfd_convert" / "assets"
+DEFAULT_OUTPUT = Path(__file__).resolve().parent
 WEIGHTS_FILE = "sample_model.safetensors"
 INFO_FILE = "sample_model.json"
+CARD_FILE = "MODEL_CARD.md"
 INFO_FORMAT = "stjfd-sample-model"
 
 
@@ -68,6 +71,7 @@ def train_sample_model(
     """Train ``build_sample_net`` with ``settings`` and write the weights and their description to ``output``."""
     from safetensors.torch import save_file
 
+    from stjfd_convert import __version__ as stjfd_version
     from stjfd_convert.atomic import atomic_file
     from stjfd_convert.finetune import FinetuneConfig, finetune
     from stjfd_convert.models import ArchSpec, sha256_file
@@ -148,10 +152,63 @@ def train_sample_model(
         "val_loss": result.final.loss,
         "seed": settings.seed,
         "command": command,
+        "created": datetime.date.today().isoformat(),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "stjfd": stjfd_version},
     }
     with atomic_file(info_path, "internal") as staging:
         staging.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    write_model_card(info, output / CARD_FILE)
     return TrainOutcome(weights, info_path, info, time.perf_counter() - start)
+
+
+def model_card(info: dict[str, Any]) -> str:
+    """The model card (Markdown) for the description ``info`` that :func:`train_sample_model` wrote."""
+    settings = info["training"]["settings"]
+    shape = "×".join(map(str, info["input"]["shape"]))
+    versions = info.get("versions") or {"torch": info["training"].get("torch")}
+    lines = [
+        "# stjfd sample model",
+        "",
+        "A small r3d-style 3D CNN (`stjfd_convert.sample:build_sample_net`, "
+        f"{info['parameters']:,} parameters) that `stjfd demo` converts, evaluates and fine-tunes.",
+        "Everything below is generated from `sample_model.json` by `train_sample_model.py`.",
+        "",
+        "## Data",
+        "",
+        f"Synthetic moving-shape clips from `{info['data']['generator']}`: classes "
+        + ", ".join(f"`{c}`" for c in info["classes"])
+        + f"; input {shape} (N×C×T×H×W), float32 in [{info['input']['range'][0]}, {info['input']['range'][1]}], "
+        "no mean/std normalisation.",
+        f"Training: {info['data']['train']['clips']} clips (seed {info['data']['train']['seed']}); held out: "
+        f"{info['data']['val']['clips']} other clips (seed {info['data']['val']['seed']}).",
+        "",
+        "## Training",
+        "",
+        "Reproduce with `python sample_models/train_sample_model.py` (these settings are its defaults); recorded "
+        f"command: `{info['command']}`. stjfd's own loop (`schedule=\"joint\"`), {settings['epochs']} epochs, batch "
+        f"{settings['batch_size']}, lr {settings['lr']}, weight decay {settings['weight_decay']}, seed {settings['seed']}, "
+        f"{settings['threads']} CPU threads: {info['training']['steps']} steps in {info['training']['seconds']} s.",
+        "",
+        "## Held-out accuracy",
+        "",
+        f"top-1 {info['val_top1']:.4f}, loss {info['val_loss']:.4f} on the {info['data']['val']['clips']} held-out clips.",
+        "",
+        "## Provenance",
+        "",
+        f"Trained {info.get('created', 'on an unrecorded date')} with "
+        + ", ".join(f"{name} {version}" for name, version in versions.items() if version)
+        + f"; weights sha256 `{info['sha256']}`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card(info: dict[str, Any], path: Path) -> Path:
+    from stjfd_convert.atomic import atomic_file
+
+    with atomic_file(path, "internal") as staging:
+        staging.write_text(model_card(info), encoding="utf-8")
+    return path
 
 
 def _epoch_printer(event: Any) -> None:
@@ -170,10 +227,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, value in defaults.__dict__.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     parser.add_argument("--min-accuracy", type=float, default=0.9, help="fail below this validation top-1")
+    parser.add_argument("--card-only", action="store_true", help="only rewrite MODEL_CARD.md from sample_model.json")
     args = parser.parse_args(argv)
     settings = TrainSettings(**{name: getattr(args, name) for name in defaults.__dict__})
     argv_text = " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    command = f"python scripts/train_sample_model.py {argv_text}".strip()
+    command = f"python sample_models/train_sample_model.py {argv_text}".strip()
+    if args.card_only:
+        info = json.loads((args.output / INFO_FILE).read_text(encoding="utf-8"))
+        print(f"wrote {write_model_card(info, args.output / CARD_FILE)}")
+        return 0
     outcome = train_sample_model(args.output, settings, command=command, callbacks=[_epoch_printer])
     top1 = outcome.info["val_top1"]
     print(f"val top-1 {top1:.4f} after {outcome.info['training']['steps']} steps ({outcome.seconds:.0f} s)")
