@@ -6,14 +6,14 @@ from __future__ import annotations
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, BinaryIO, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .. import __version__
-from .base import DYNAMIC_AXES, INPUT_NAME, ExportError, _import_onnx
+from .base import DYNAMIC_AXES, INPUT_NAME, ExportError, _first_line, _import_onnx
 from .results import GraphStats
 
 #: Protobuf's hard limit; above it (less a margin for the graph itself) weights go to an external file.
@@ -25,7 +25,19 @@ def _output_names(count: int) -> list[str]:
     return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
 
 
-def _torch_export(model: nn.Module, example: Tensor, path: Path, opset: int, dynamic: Sequence[str], n_outputs: int) -> None:
+def _torch_export(
+    model: nn.Module,
+    example: Tensor,
+    path: Path | BinaryIO,
+    opset: int,
+    dynamic: Sequence[str],
+    n_outputs: int,
+    *,
+    what: str = "the model",
+    hint: str = "try another --opset or --mode; set STJFD_DEBUG=1 for details",
+) -> None:
+    """Trace ``model`` on ``example`` into ``path`` (a file, or an in-memory buffer) with the options
+    every stjfd graph is written with; a failure is one ExportError naming ``what`` failed."""
     outputs = _output_names(n_outputs)
     axes: dict[str, dict[int, str]] = {}
     if dynamic:
@@ -40,7 +52,7 @@ def _torch_export(model: nn.Module, example: Tensor, path: Path, opset: int, dyn
             torch.onnx.export(
                 model,
                 (example,),
-                str(path),
+                str(path) if isinstance(path, Path) else path,
                 dynamo=False,
                 opset_version=opset,
                 input_names=[INPUT_NAME],
@@ -50,11 +62,7 @@ def _torch_export(model: nn.Module, example: Tensor, path: Path, opset: int, dyn
                 export_params=True,
             )
     except (RuntimeError, ValueError, TypeError, torch.onnx.errors.OnnxExporterError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(
-            f"torch.onnx could not export the model at opset {opset}: {first[:300]}",
-            "try another --opset or --mode; set STJFD_DEBUG=1 for details",
-        ) from None
+        raise ExportError(f"torch.onnx could not export {what} at opset {opset}: {_first_line(exc)[:300]}", hint) from None
 
 
 def _to_fp16_weights(onnx: Any, proto: Any) -> int:
@@ -190,6 +198,5 @@ def _write_graph(
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # onnx.checker.ValidationError, shape inference errors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"onnx.checker rejected the exported graph: {first[:300]}", "report this with the command used") from None
+        raise ExportError(f"onnx.checker rejected the exported graph: {_first_line(exc)[:300]}", "report this with the command used") from None
     return files, len(files) > 1

@@ -17,34 +17,10 @@ from ..layers import FORMS, DecomposedConv3d
 from .base import EXPORT_MODES, ORT_DEVICE
 
 
-class _AxisConv(nn.Module):
-    """Shared-weight (depthwise) atom conv along the temporal or the spatial axes.
-
-    Input [B, C, T, H, W] → [B, C·m, T', H', W'] with channel c·m + j, the layout of
-    ``functional.conv``. Traced as a plain grouped Conv over C copies of the atoms (a static kernel
-    shape, whatever the dynamic axes); ``_share_tiled_weights`` then stores the atoms once.
-    """
-
-    def __init__(self, atoms_weight: Tensor, channels: int, geometry: ConvGeometry, temporal: bool) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(atoms_weight.detach().repeat(channels, 1, 1, 1, 1), requires_grad=False)
-        axes = (0,) if temporal else (1, 2)
-        self.explicit, self.conv_pad, self.need_pad = pad_amounts(geometry, axes)
-        self.mode = pad_mode(geometry)
-        if temporal:
-            self.stride, self.dilation = (geometry.stride[0], 1, 1), (geometry.dilation[0], 1, 1)
-        else:
-            self.stride, self.dilation = (1, *geometry.stride[1:]), (1, *geometry.dilation[1:])
-        self.channels = int(channels)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.need_pad:
-            x = F.pad(x, self.explicit, mode=self.mode)
-        return F.conv3d(x, self.weight, None, self.stride, self.conv_pad, self.dilation, self.channels)
-
-
 class _DenseConv(nn.Module):
-    """A plain conv with stored weight, the given stride/dilation and the padding of ``axes``."""
+    """A plain conv with stored weight, the given stride/dilation and the padding of ``axes``
+    (explicit ``F.pad`` where conv3d cannot pad: reflect/replicate/circular or asymmetric pads).
+    The atom convs below are this conv over repeated atoms."""
 
     def __init__(
         self, weight: Tensor, bias: Tensor | None, geometry: ConvGeometry, axes: Sequence[int], groups: int
@@ -64,7 +40,20 @@ class _DenseConv(nn.Module):
         return F.conv3d(x, self.weight, self.bias, self.stride, self.conv_pad, self.dilation, self.groups)
 
 
-class _GroupSpatialConv(nn.Module):
+class _AxisConv(_DenseConv):
+    """Shared-weight (depthwise) atom conv along the temporal or the spatial axes.
+
+    Input [B, C, T, H, W] → [B, C·m, T', H', W'] with channel c·m + j, the layout of
+    ``functional.conv``. Traced as a plain grouped Conv over C copies of the atoms (a static kernel
+    shape, whatever the dynamic axes); ``_share_tiled_weights`` then stores the atoms once.
+    """
+
+    def __init__(self, atoms_weight: Tensor, channels: int, geometry: ConvGeometry, temporal: bool) -> None:
+        weight = atoms_weight.detach().repeat(channels, 1, 1, 1, 1)
+        super().__init__(weight, None, geometry, (0,) if temporal else (1, 2), int(channels))
+
+
+class _GroupSpatialConv(_DenseConv):
     """Sandwich's last step: a grouped (groups = O) spatial conv whose every group applies Φ.
 
     Traced over O copies of Φ; ``_share_tiled_weights`` stores Φ once (unless an eval-mode
@@ -72,21 +61,11 @@ class _GroupSpatialConv(nn.Module):
     """
 
     def __init__(self, spatial_atoms: Tensor, bias: Tensor | None, geometry: ConvGeometry) -> None:
-        super().__init__()
         m_s = spatial_atoms.shape[1]
         kh, kw = geometry.kernel_size[1:]
         block = spatial_atoms.detach().t().reshape(1, m_s, 1, kh, kw)
-        self.weight = nn.Parameter(block.repeat(geometry.out_channels, 1, 1, 1, 1), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.explicit, self.conv_pad, self.need_pad = pad_amounts(geometry, (1, 2))
-        self.mode = pad_mode(geometry)
-        self.stride, self.dilation = (1, *geometry.stride[1:]), (1, *geometry.dilation[1:])
-        self.out_channels = geometry.out_channels
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.need_pad:
-            x = F.pad(x, self.explicit, mode=self.mode)
-        return F.conv3d(x, self.weight, self.bias, self.stride, self.conv_pad, self.dilation, self.out_channels)
+        weight = block.repeat(geometry.out_channels, 1, 1, 1, 1)
+        super().__init__(weight, bias, geometry, (1, 2), geometry.out_channels)
 
 
 def _skips_temporal(layer: DecomposedConv3d) -> bool:

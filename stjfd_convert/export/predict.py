@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import ConfigError
-from .base import META_PREFIX
+from .base import META_PREFIX, _first_line
 from .runtime import ort_session
 from .source import _normalization
 
@@ -148,8 +148,9 @@ def _logits(session: Any, x: np.ndarray) -> np.ndarray:
     try:
         outputs = session.run(None, {session.get_inputs()[0].name: x})
     except Exception as exc:  # onnxruntime errors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"onnxruntime failed on the clip: {first[:300]}", "check that the model was exported by stjfd") from None
+        raise ConfigError(
+            f"onnxruntime failed on the clip: {_first_line(exc)[:300]}", "check that the model was exported by stjfd"
+        ) from None
     return np.asarray(outputs[0], dtype=np.float64).reshape(x.shape[0], -1)[0]
 
 

@@ -7,7 +7,6 @@ import math
 import os
 import statistics
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -22,14 +21,14 @@ from .base import (
     DEFAULT_OPSET,
     DEFAULT_RUNS,
     DEFAULT_WARMUP,
-    INPUT_NAME,
     ORT_DEVICE,
     ExportError,
+    _first_line,
     _import_onnx,
     _import_ort,
     check_opset,
 )
-from .graph import _share_tiled_weights
+from .graph import _share_tiled_weights, _torch_export
 from .modules import _decomposed_layers, export_module
 from .results import GraphStats
 
@@ -61,9 +60,8 @@ def ort_session(path: str | os.PathLike[str] | bytes, threads: int | None = None
     try:
         return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         name = "the in-memory graph" if isinstance(path, bytes) else Path(path).name
-        raise ExportError(f"onnxruntime cannot load {name}: {first[:300]}", "try another --opset") from None
+        raise ExportError(f"onnxruntime cannot load {name}: {_first_line(exc)[:300]}", "try another --opset") from None
 
 
 def ort_latency(
@@ -140,16 +138,8 @@ def _layer_graph(module: nn.Module, shape: Sequence[int], opset: int) -> bytes:
     """One export module traced to a serialized ONNX model (in memory), post-processed as in export."""
     onnx = _import_onnx()
     buffer = io.BytesIO()
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module, (make_input(shape, torch.float32, seed=0),), buffer, dynamo=False, opset_version=opset,
-                input_names=[INPUT_NAME], output_names=["output"], do_constant_folding=True, export_params=True,
-            )
-    except (RuntimeError, ValueError, TypeError, torch.onnx.errors.OnnxExporterError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(f"torch.onnx could not export a layer at opset {opset}: {first[:300]}", "try another --opset") from None
+    example = make_input(shape, torch.float32, seed=0)
+    _torch_export(module, example, buffer, opset, (), 1, what="a layer", hint="try another --opset")
     proto = onnx.load_from_string(buffer.getvalue())
     _share_tiled_weights(proto)
     return proto.SerializeToString()

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..parity import flatten_outputs, make_input, run_model
-from .base import DEFAULT_ATOL, DYNAMIC_AXES
+from .base import DEFAULT_ATOL, DYNAMIC_AXES, _first_line
 from .results import OutputCheck, ValidationReport
 from .runtime import ort_session
 
@@ -61,10 +61,10 @@ def validate_onnx(
         try:
             actual = session.run(None, {input_name: x.numpy()})
         except Exception as exc:  # onnxruntime.capi errors
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            problem = f"onnxruntime failed: {_first_line(exc)[:200]}"
             for name, ref in expected:
                 report.checks.append(
-                    OutputCheck(index, tuple(shape), name, tuple(ref.shape), math.inf, math.inf, False, f"onnxruntime failed: {first[:200]}")
+                    OutputCheck(index, tuple(shape), name, tuple(ref.shape), math.inf, math.inf, False, problem)
                 )
             continue
         if len(actual) != len(expected):
