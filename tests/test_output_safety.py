@@ -387,12 +387,18 @@ def test_sigterm_to_the_process_group_saves_and_resumes_exactly(converted: Path,
         del a[a.index("--workers"):a.index("--workers") + 2]  # the last --workers wins anyway; keep one
         return a
 
+    def stjfd(*argv: str | Path, **kwargs) -> subprocess.Popen:
+        # Every run in its own process with the same environment (thread count): bit-identical arithmetic.
+        return subprocess.Popen([sys.executable, "-m", "stjfd_convert", *map(str, argv)], env=_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
     whole = tmp_path / "whole"
-    assert run_cli(args(whole)).exit_code == 0
+    reference = stjfd(*args(whole))
+    output = reference.communicate(timeout=600)
+    assert reference.returncode == 0, output
 
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "stjfd_convert", *args(out)], env=_env(), start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = stjfd(*args(out), start_new_session=True)
     deadline = time.monotonic() + 300  # a hang guard, not a performance limit
     while proc.poll() is None and time.monotonic() < deadline:
         if (out / "metrics.jsonl").is_file() and any(r["type"] == "step" for r in read_metrics(out)):
@@ -408,8 +414,9 @@ def test_sigterm_to_the_process_group_saves_and_resumes_exactly(converted: Path,
     assert "interrupted (SIGTERM)" in (out / "run.log").read_text()
     assert load_training_state(out)["position"]["step"] >= 1
 
-    resumed = run_cli(["finetune", str(out), "--resume", "--trust-code"])
-    assert resumed.exit_code == 0, resumed.output
+    resumed = stjfd("finetune", out, "--resume", "--trust-code")
+    output = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output
     a = load_converted(whole / "last", trust_code=True).model.state_dict()
     b = load_converted(out / "last", trust_code=True).model.state_dict()
     assert a.keys() == b.keys()
