@@ -60,3 +60,16 @@ class VerificationError(StjfdError):
     """A numerical verification (parity, ONNX validation) failed."""
 
     exit_code = 1
+
+
+# What a model's forward raises when it is given an input it cannot take (wrong shape, dtype, a list
+# where a tensor was expected, a user model's own assert). Every model-running path catches the same.
+MODEL_INPUT_ERRORS: tuple[type[BaseException], ...] = (
+    RuntimeError, ValueError, TypeError, IndexError, KeyError, AssertionError, NotImplementedError,
+)
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name if it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

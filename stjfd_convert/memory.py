@@ -35,7 +35,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, first_line
 from .parity import flatten_outputs
 from .stages import enable_activation_checkpointing, set_trainable
 
@@ -174,7 +174,7 @@ def _make_optimizer(name: str, params: list[nn.Parameter]) -> torch.optim.Optimi
 
 
 def _classify_error(exc: BaseException, shape: Sequence[int]) -> MeasurementError:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = first_line(exc)
     shape_text = "×".join(str(s) for s in shape)
     if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
         return MeasurementError(f"{shape_text}: out of memory", "use a smaller clip or batch", reason="out_of_memory")

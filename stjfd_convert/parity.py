@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from .errors import MODEL_INPUT_ERRORS, ConfigError, first_line
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -111,8 +111,8 @@ def run_model(model: nn.Module, x: Tensor) -> Any:
     try:
         with torch.inference_mode():
             return model(x)
-    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except MODEL_INPUT_ERRORS as exc:
+        first = first_line(exc)
         raise ConfigError(
             f"the model failed on an input of shape {tuple(x.shape)} ({x.dtype}): {first[:200]}",
             "pass the input the model expects with --input-shape (and --input-dtype)",

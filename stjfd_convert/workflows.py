@@ -15,7 +15,7 @@ from .atomic import check_output
 from .config import ConvertConfig
 from .formats import DEMO_CONVERTED_DIR, DEMO_RUN_DIR
 from .convert import ConversionReport, ProgressCallback, convert_model
-from .models import TORCHVISION_VIDEO_ARCHS, ArchSpec, load_model, model_source_paths
+from .models import ArchSpec, default_input_shape, load_model, model_source_paths
 from .parity import ParityResult, compare_models, parse_dtype
 from .saved_model import load_converted, save_converted
 
@@ -47,13 +47,6 @@ def default_output_dir(checkpoint: str | os.PathLike[str] | None, spec_name: str
     """``<checkpoint stem>-stjfd`` in the current folder (``<arch>-stjfd`` without a checkpoint)."""
     stem = Path(checkpoint).stem if checkpoint else (spec_name or "model").replace(":", "_").replace("/", "_")
     return Path(f"{stem}-stjfd")
-
-
-def default_input_shape(spec: ArchSpec) -> tuple[int, ...] | None:
-    """Known input shape for torchvision archs; None for user models."""
-    if spec.kind == "torchvision" and spec.name in TORCHVISION_VIDEO_ARCHS:
-        return tuple(TORCHVISION_VIDEO_ARCHS[spec.name].input_shape)
-    return None
 
 
 def convert_checkpoint(

@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import typer
 
-from ..errors import StjfdError
+from ..errors import StjfdError, first_line
 from . import render
 
 app = typer.Typer(
@@ -48,9 +48,8 @@ def guarded(func: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:  # an unexpected failure: still one line unless debugging
             if os.environ.get("STJFD_DEBUG"):
                 raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             render.error_line(
-                f"internal error: {type(exc).__name__}: {first[:300]} — set STJFD_DEBUG=1 for the traceback "
+                f"internal error: {type(exc).__name__}: {first_line(exc)[:300]} — set STJFD_DEBUG=1 for the traceback "
                 "and report it"
             )
             raise typer.Exit(EXIT_INTERNAL) from None

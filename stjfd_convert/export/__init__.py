@@ -98,7 +98,13 @@ from .exporter import export_onnx
 from .modules import export_module, resolve_forms
 from .predict import Prediction, predict
 from .results import ExportResult, GraphStats, OutputCheck, ValidationReport
-from .runtime import DEFAULT_PLAN_REPEATS, SessionTimer, ort_latency, ort_session, plan_onnxruntime
+from .runtime import (
+    DEFAULT_PLAN_REPEATS,
+    SessionTimer,
+    ort_latency,
+    ort_session,
+    plan_onnxruntime,
+)
 from .validate import validate_onnx, validation_shapes
 
 __all__ = [

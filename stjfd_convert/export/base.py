@@ -77,12 +77,6 @@ def _import_ort() -> Any:
     return onnxruntime
 
 
-def _first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type's name if it has none), for one-line errors."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def max_opset() -> int:
     """Highest opset the TorchScript exporter of the installed torch writes."""
     try:

@@ -42,7 +42,13 @@ from .base import (
 from .graph import _graph_stats, _write_graph
 from .modules import _decomposed_layers, _export_friendly, resolve_forms
 from .results import ExportResult, GraphStats, ValidationReport
-from .runtime import DEFAULT_PLAN_REPEATS, PLAN_BLOCK, _time_interleaved, ort_session, plan_onnxruntime
+from .runtime import (
+    DEFAULT_PLAN_REPEATS,
+    PLAN_BLOCK,
+    _time_interleaved,
+    ort_session,
+    plan_onnxruntime,
+)
 from .source import _load_source, _normalization, _Source
 from .validate import validate_onnx, validation_shapes
 

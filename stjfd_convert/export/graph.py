@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
-from .base import DYNAMIC_AXES, INPUT_NAME, ExportError, _first_line, _import_onnx
+from ..errors import first_line
+from .base import DYNAMIC_AXES, INPUT_NAME, ExportError, _import_onnx
 from .results import GraphStats
 
 #: Protobuf's hard limit; above it (less a margin for the graph itself) weights go to an external file.
@@ -62,7 +63,7 @@ def _torch_export(
                 export_params=True,
             )
     except (RuntimeError, ValueError, TypeError, torch.onnx.errors.OnnxExporterError) as exc:
-        raise ExportError(f"torch.onnx could not export {what} at opset {opset}: {_first_line(exc)[:300]}", hint) from None
+        raise ExportError(f"torch.onnx could not export {what} at opset {opset}: {first_line(exc)[:300]}", hint) from None
 
 
 def _to_fp16_weights(onnx: Any, proto: Any) -> int:
@@ -198,5 +199,5 @@ def _write_graph(
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # onnx.checker.ValidationError, shape inference errors
-        raise ExportError(f"onnx.checker rejected the exported graph: {_first_line(exc)[:300]}", "report this with the command used") from None
+        raise ExportError(f"onnx.checker rejected the exported graph: {first_line(exc)[:300]}", "report this with the command used") from None
     return files, len(files) > 1

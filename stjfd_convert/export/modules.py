@@ -12,7 +12,13 @@ from torch import Tensor, nn
 
 from ..convert import replace_modules
 from ..errors import ConfigError
-from ..functional.conv import ConvGeometry, pad_amounts, pad_mode, spatial_first_weight, temporal_first_weight
+from ..functional.conv import (
+    ConvGeometry,
+    pad_amounts,
+    pad_mode,
+    spatial_first_weight,
+    temporal_first_weight,
+)
 from ..layers import FORMS, DecomposedConv3d
 from .base import EXPORT_MODES, ORT_DEVICE
 

@@ -11,8 +11,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import ConfigError
-from .base import META_PREFIX, _first_line
+from ..errors import ConfigError, first_line
+from .base import META_PREFIX
 from .runtime import ort_session
 from .source import _normalization
 
@@ -149,7 +149,7 @@ def _logits(session: Any, x: np.ndarray) -> np.ndarray:
         outputs = session.run(None, {session.get_inputs()[0].name: x})
     except Exception as exc:  # onnxruntime errors
         raise ConfigError(
-            f"onnxruntime failed on the clip: {_first_line(exc)[:300]}", "check that the model was exported by stjfd"
+            f"onnxruntime failed on the clip: {first_line(exc)[:300]}", "check that the model was exported by stjfd"
         ) from None
     return np.asarray(outputs[0], dtype=np.float64).reshape(x.shape[0], -1)[0]
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
 from ..layers import FORMS
 from ..parity import make_input
 from .base import (
@@ -23,7 +23,6 @@ from .base import (
     DEFAULT_WARMUP,
     ORT_DEVICE,
     ExportError,
-    _first_line,
     _import_onnx,
     _import_ort,
     check_opset,
@@ -61,7 +60,7 @@ def ort_session(path: str | os.PathLike[str] | bytes, threads: int | None = None
         return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         name = "the in-memory graph" if isinstance(path, bytes) else Path(path).name
-        raise ExportError(f"onnxruntime cannot load {name}: {_first_line(exc)[:300]}", "try another --opset") from None
+        raise ExportError(f"onnxruntime cannot load {name}: {first_line(exc)[:300]}", "try another --opset") from None
 
 
 def ort_latency(
@@ -207,7 +206,12 @@ def plan_onnxruntime(
     ``progress(i, n, layer_name)`` is called after each layer. ``model`` is not modified.
     """
     from ..functional.cost import form_cost, predict_seconds
-    from ..planner import ExecutionPlan, LayerChoice, choose_measured_form, trace_layer_inputs
+    from ..planner import (
+        ExecutionPlan,
+        LayerChoice,
+        choose_measured_form,
+        trace_layer_inputs,
+    )
 
     unknown = [f for f in forms if f not in FORMS]
     if unknown:

@@ -46,12 +46,12 @@ def _load_source(
         shape = (converted.manifest.get("input") or {}).get("shape")
         spec = converted.spec
         if shape is None:
-            from ..workflows import default_input_shape
+            from ..models import default_input_shape
 
             shape = default_input_shape(spec)
         return _Source(converted.model, str(path), spec, converted.manifest, tuple(shape) if shape else None, path)
     loaded = load_model(path, arch=arch, model=model, model_kwargs=model_kwargs, trust_pickle=trust_pickle)
-    from ..workflows import default_input_shape
+    from ..models import default_input_shape
 
     return _Source(loaded.model.eval(), str(path), loaded.spec, None, default_input_shape(loaded.spec))
 

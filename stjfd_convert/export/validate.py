@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..errors import first_line
 from ..parity import flatten_outputs, make_input, run_model
-from .base import DEFAULT_ATOL, DYNAMIC_AXES, _first_line
+from .base import DEFAULT_ATOL, DYNAMIC_AXES
 from .results import OutputCheck, ValidationReport
 from .runtime import ort_session
 
@@ -61,7 +62,7 @@ def validate_onnx(
         try:
             actual = session.run(None, {input_name: x.numpy()})
         except Exception as exc:  # onnxruntime.capi errors
-            problem = f"onnxruntime failed: {_first_line(exc)[:200]}"
+            problem = f"onnxruntime failed: {first_line(exc)[:200]}"
             for name, ref in expected:
                 report.checks.append(
                     OutputCheck(index, tuple(shape), name, tuple(ref.shape), math.inf, math.inf, False, problem)

@@ -21,6 +21,7 @@ from .registry import (
     TRUSTED_BUILDERS,
     ArchInfo,
     ArchSpec,
+    default_input_shape,
     is_trusted_builder,
 )
 
@@ -33,6 +34,7 @@ __all__ = [
     "LoadedModel",
     "TORCHVISION_VIDEO_ARCHS",
     "build_model",
+    "default_input_shape",
     "check_finite",
     "detect_architecture",
     "infer_num_classes",

@@ -144,3 +144,10 @@ def is_trusted_builder(name: str) -> bool:
 
 def _known_archs() -> str:
     return ", ".join(TORCHVISION_VIDEO_ARCHS)
+
+
+def default_input_shape(spec: ArchSpec) -> tuple[int, ...] | None:
+    """Known input shape for torchvision archs; None for user models."""
+    if spec.kind == "torchvision" and spec.name in TORCHVISION_VIDEO_ARCHS:
+        return tuple(TORCHVISION_VIDEO_ARCHS[spec.name].input_shape)
+    return None

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import MODEL_INPUT_ERRORS, ConfigError, first_line
 from ..functional.conv import ConvGeometry
 from ..functional.cost import form_cost
 from ..layers import FORMS, DecomposedConv3d
@@ -163,8 +163,8 @@ def _record_inputs(
     try:
         with torch.no_grad():
             work(torch.empty(tuple(clip_shape), device="meta"))
-    except (RuntimeError, ValueError, IndexError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except MODEL_INPUT_ERRORS as exc:
+        first = first_line(exc)
         raise ConfigError(
             f"the model cannot run on a {'×'.join(map(str, clip_shape))} clip: {first[:200]}",
             "pass a matching --input-shape B,C,T,H,W",

@@ -244,7 +244,7 @@ def load_report_input(
     from ..convert import convert_model
     from ..models import load_model
     from ..saved_model import is_converted_dir, load_converted
-    from ..workflows import default_input_shape
+    from ..models import default_input_shape
 
     if source is not None:
         path = Path(source)
