@@ -1,4 +1,4 @@
-"""Fine-tuning (stjfd_convert/finetune.py, `stjfd finetune`, `stjfd evaluate`) on tiny PyAV videos.
+"""Fine-tuning (the stjfd_convert/finetune/ package, `stjfd finetune`, `stjfd evaluate`) on tiny PyAV videos.
 
 A 2-conv net (converted: temporal atoms 2, spatial atoms 4) learns the moving-shape toy task
 (tests/videos.py: left→right, top→bottom, blink; 3 classes × 6 training videos, 8 frames, 32×32).

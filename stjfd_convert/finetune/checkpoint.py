@@ -1,0 +1,134 @@
+"""Resuming: the training state's format, RNG state as ``weights_only``-safe values, reading a run folder
+back, the manifest fields a checkpoint records, and the errors of a stopped or unresumable run."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import StjfdError
+from ..formats import CONFIG_FILE, LAST_DIR, RUN_FORMAT, STATE_FILE
+
+
+STATE_FORMAT = "stjfd-training-state"
+
+STATE_VERSION = 1
+
+
+class ResumeError(StjfdError):
+    """A run folder that cannot be resumed (missing or damaged state)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM / a callback's KeyboardInterrupt: the step finished and ``last/`` was saved
+    (``checkpoint`` is None when no run folder was given or nothing could be saved)."""
+
+    def __init__(
+        self, message: str, checkpoint: Path | None, position: Mapping[str, int], signal_name: str = "SIGINT"
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.checkpoint = checkpoint
+        self.position = dict(position)
+        self.signal_name = signal_name  # SIGINT, SIGTERM, or KeyboardInterrupt (raised by a callback)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64).copy()),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
+        "python": {"version": int(py_version), "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            "MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"], np_state["has_gauss"],
+            np_state["gauss"],
+        )
+    )
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _manifest_normalization(clip: Mapping[str, Any]) -> dict[str, list[float]]:
+    """The input normalisation the model was trained with; frames scaled to 0..1 without mean/std."""
+    if clip.get("mean") and clip.get("std"):
+        return {"mean": list(clip["mean"]), "std": list(clip["std"])}
+    return {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
+
+
+def _clip_description(dataset: Dataset | None) -> dict[str, Any] | None:
+    config = getattr(dataset, "config", None)
+    if config is None or not hasattr(config, "clip_len"):
+        return None
+    return {
+        "clip_len": config.clip_len,
+        "size": list(config.size),
+        "frame_stride": config.frame_stride,
+        "resize": config.resize,
+        "mean": list(config.mean) if config.mean else None,
+        "std": list(config.std) if config.std else None,
+        "clips_per_video": config.clips_per_video,
+    }
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ResumeError(f"{run_dir} has no {CONFIG_FILE}; it is not a fine-tuning run folder",
+                          "pass the -o folder of an earlier `stjfd finetune`")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ResumeError(f"{path} is not readable JSON: {exc}", "the run folder is damaged; start a new run") from None
+    if not isinstance(data, dict) or data.get("format") != RUN_FORMAT:
+        raise ResumeError(f"{path} is not a stjfd fine-tuning config", "pass the -o folder of `stjfd finetune`")
+    return data
+
+
+def load_training_state(run_dir: str | Path) -> dict[str, Any]:
+    """``last/training_state.pt`` of a run, read with ``torch.load(weights_only=True)``."""
+    path = Path(run_dir) / LAST_DIR / STATE_FILE
+    if not path.is_file():
+        raise ResumeError(
+            f"{run_dir} has no {LAST_DIR}/{STATE_FILE}: it stopped before its first checkpoint",
+            "start the run again (without --resume)",
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a damaged file
+        raise ResumeError(f"{path} cannot be read: {str(exc).splitlines()[0][:200]}", "start a new run") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ResumeError(f"{path} is not a stjfd training state", "start a new run")
+    if int(state.get("version", 0)) > STATE_VERSION:
+        raise ResumeError(f"{path} was written by a newer stjfd", "upgrade stjfd")
+    return state

@@ -1,0 +1,258 @@
+"""The entry points: :func:`finetune`, :func:`resume` and :func:`finetune_paths` (the CLI's workflow)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..atomic import check_output
+from ..errors import ConfigError
+from ..formats import CONFIG_FILE, LAST_DIR
+from ..models import ArchSpec
+from .checkpoint import ResumeError, load_training_state, read_run_config
+from .config import FinetuneConfig
+from .distributed import _Dist, _init_distributed
+from .events import Callback
+from .losses import LossFn
+from .results import FinetuneResult
+from .surgery import adapt_classifier
+from .trainer import _Trainer
+
+
+def finetune(
+    model: nn.Module,
+    train_dataset: Dataset,
+    val_dataset: Dataset | None = None,
+    config: FinetuneConfig | None = None,
+    *,
+    callbacks: Sequence[Callback] = (),
+    loss_fn: LossFn | None = None,
+    run_dir: str | Path | None = None,
+    spec: ArchSpec | None = None,
+    classes: Sequence[str] | None = None,
+    overwrite: bool = False,
+    run_info: Mapping[str, Any] | None = None,
+    inputs: Sequence[str | Path] = (),
+    datasets: Sequence[str | Path] = (),
+) -> FinetuneResult:
+    """Fine-tune ``model`` (in place; converted or plain) on ``train_dataset`` with ``config``'s schedule.
+
+    Items of the datasets are ``(clip [C, T, H, W], label)`` (``stjfd_convert.data`` datasets); validation
+    clips may be ``[K, C, T, H, W]``. With ``run_dir`` the run folder is written (``spec`` — the model's
+    :class:`ArchSpec` — makes ``last/``/``best/`` loadable without pickles; ``overwrite`` replaces an existing
+    run folder, never anything else, nor one of ``inputs`` or ``datasets``: :mod:`stjfd_convert.atomic`). ``run_info`` adds fields to config.json (the CLI records data options and the model source there
+    so that :func:`resume` can rebuild everything). Raises :class:`TrainingInterrupted` on Ctrl-C and
+    :class:`NonFiniteLossError` when the loss diverges. The model is returned to eval mode.
+    """
+    config = config or FinetuneConfig()
+    if run_dir is not None and os.environ.get("RANK", "0") == "0":
+        check_output(run_dir, "run", force=overwrite, inputs=inputs, datasets=datasets)
+    return _train(
+        lambda dist: _Trainer(
+            model, train_dataset, val_dataset, config, callbacks=callbacks, loss_fn=loss_fn, run_dir=run_dir,
+            spec=spec, classes=classes, overwrite=overwrite, run_info=run_info, state=None, dist=dist,
+            inputs=inputs, datasets=datasets,
+        ),
+        config,
+    )
+
+
+def _train(make: Callable[[_Dist], _Trainer], config: FinetuneConfig, note: str | None = None) -> FinetuneResult:
+    """Initialise the process group (torchrun), build the trainer, run it; tear down what we set up."""
+    dist = _init_distributed(config.device)
+    try:
+        trainer = make(dist)
+        if note:
+            trainer.notes.append(note)
+        return trainer.run()
+    finally:
+        if dist.created:
+            import torch.distributed as torch_dist
+
+            with contextlib.suppress(Exception):
+                torch_dist.destroy_process_group()
+
+
+def resume(
+    run_dir: str | Path,
+    train_dataset: Dataset | None = None,
+    val_dataset: Dataset | None = None,
+    *,
+    callbacks: Sequence[Callback] = (),
+    loss_fn: LossFn | None = None,
+    trust_pickle: bool = False,
+    data_root: str | Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    workers: int | None = None,
+    plot: bool | None = None,
+    trust_code: bool = False,
+    model: str | None = None,
+) -> FinetuneResult:
+    """Continue the run in ``run_dir`` from ``last/`` exactly where it stopped.
+
+    A run that had finished is left exactly as it is (``result.changed`` is False). ``trust_code``
+    (or ``model``, the same builder named again) allows the builder named by the run's manifest
+    (see :func:`stjfd_convert.saved_model.load_converted`).
+
+    Without datasets they are rebuilt from the data options recorded in config.json (``data_root``
+    overrides a moved dataset root). Same seed on CPU ⇒ the same final weights and metrics as a run that
+    was never interrupted. Only ``workers`` and ``plot`` may differ from the original run (neither changes
+    the results: clips are seeded per sample).
+    """
+    from ..saved_model import load_converted
+
+    run_dir = Path(run_dir)
+    info = read_run_config(run_dir)
+    state = load_training_state(run_dir)
+    config = FinetuneConfig.from_dict(state["config"])
+    if workers is not None:
+        config = replace(config, workers=workers)
+    if plot is not None:
+        config = replace(config, plot=plot)
+    loaded = load_converted(run_dir / LAST_DIR, trust_pickle=trust_pickle, trust_code=trust_code, model=model)
+    if train_dataset is None:
+        data = info.get("data")
+        if not data:
+            raise ResumeError(f"{run_dir}/{CONFIG_FILE} records no dataset", "pass the datasets to resume()")
+        train_dataset, val_dataset, _ = _build_data(data, data_root, config.seed, progress)
+    classes = list(state.get("classes") or info.get("classes") or [])
+    train_classes = list(getattr(train_dataset, "classes", []) or [])
+    if train_classes and classes and train_classes != classes:
+        raise ResumeError(
+            f"the dataset's classes ({', '.join(train_classes[:5])}…) differ from the run's "
+            f"({', '.join(classes[:5])}…)",
+            "resume with the dataset the run was started on",
+        )
+    run_info = {k: v for k, v in info.items() if k not in ("format", "version", "finetune", "classes", "world_size")}
+    return _train(
+        lambda dist: _Trainer(
+            loaded.model.train(), train_dataset, val_dataset, config, callbacks=callbacks, loss_fn=loss_fn,
+            run_dir=run_dir, spec=loaded.spec, classes=classes or None, overwrite=False, run_info=run_info,
+            state=state, dist=dist,
+        ),
+        config,
+    )
+
+
+def _build_data(
+    data: Mapping[str, Any], root_override: str | Path | None, seed: int, progress: Callable[[int, int], None] | None
+) -> tuple[Dataset, Dataset | None, list[str]]:
+    from ..data import build_datasets
+
+    root = Path(root_override) if root_override is not None else Path(data["root"])
+    size = data["size"]
+    return build_datasets(
+        root,
+        clip_len=int(data["clip_len"]),
+        size=tuple(size) if isinstance(size, (list, tuple)) else int(size),
+        frame_stride=int(data.get("frame_stride", 1)),
+        val_split=data.get("val_split"),
+        mean=data.get("mean"),
+        std=data.get("std"),
+        seed=seed,
+        val_clips_per_video=int(data.get("val_clips_per_video", 1)),
+        progress=progress,
+    )
+
+
+def _load_any_model(
+    source: str | Path,
+    *,
+    arch: str | None,
+    model: str | None,
+    model_kwargs: Mapping[str, Any] | None,
+    trust_pickle: bool,
+    trust_code: bool = False,
+) -> tuple[nn.Module, ArchSpec, dict[str, Any]]:
+    from ..models import load_model
+    from ..saved_model import is_converted_dir, load_converted
+
+    source = Path(source)
+    if is_converted_dir(source):
+        if arch:
+            raise ConfigError(f"{source} is a converted-model folder; --arch does not apply", "drop it")
+        loaded = load_converted(source, trust_pickle=trust_pickle, trust_code=trust_code, model=model)
+        return loaded.model, loaded.spec, {"source": str(source), "kind": "converted"}
+    if source.is_dir():
+        raise ConfigError(
+            f"{source} is a folder without a converted model (no model.stjfd.json)",
+            "pass a folder written by `stjfd convert`, a checkpoint file, or a run folder with --resume",
+        )
+    if not source.exists():
+        raise ConfigError(f"model {source} does not exist", "pass a converted-model folder or a checkpoint file")
+    loaded = load_model(source, arch=arch, model=model, model_kwargs=model_kwargs, trust_pickle=trust_pickle)
+    return loaded.model, loaded.spec, {"source": str(source), "kind": "checkpoint", "sha256": loaded.sha256}
+
+
+def finetune_paths(
+    model_source: str | Path,
+    data_root: str | Path,
+    config: FinetuneConfig,
+    *,
+    output: str | Path,
+    clip_len: int,
+    size: int | tuple[int, int],
+    frame_stride: int = 1,
+    val_split: float | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    val_clips_per_video: int = 1,
+    arch: str | None = None,
+    model: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    trust_pickle: bool = False,
+    trust_code: bool = False,
+    overwrite: bool = False,
+    command: str | None = None,
+    callbacks: Sequence[Callback] = (),
+    loss_fn: LossFn | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> FinetuneResult:
+    """Load a converted-model folder (or a checkpoint: a plain model), build the datasets, fine-tune.
+
+    Everything that can be wrong with the input is checked before the run folder ``output`` is created.
+    The classifier is re-created when the model predicts another number of classes than the dataset has.
+    Normalisation defaults to the statistics of the torchvision architecture (if any).
+    """
+    from ..data import normalization_for
+    from ..models import TORCHVISION_VIDEO_ARCHS
+
+    from ..models import model_source_paths
+
+    is_main = os.environ.get("RANK", "0") == "0"
+    inputs, datasets = [model_source, *model_source_paths(model)], [data_root]
+    if is_main:
+        check_output(output, "run", force=overwrite, inputs=inputs, datasets=datasets)
+    net, spec, source_info = _load_any_model(
+        model_source, arch=arch, model=model, model_kwargs=model_kwargs, trust_pickle=trust_pickle,
+        trust_code=trust_code,
+    )
+    if mean is None and std is None and spec.kind == "torchvision" and spec.name in TORCHVISION_VIDEO_ARCHS:
+        mean, std = normalization_for(spec.name)
+    data = {
+        "root": str(Path(data_root).absolute()),
+        "clip_len": clip_len,
+        "size": list(size) if isinstance(size, (list, tuple)) else size,
+        "frame_stride": frame_stride,
+        "val_split": val_split,
+        "mean": list(mean) if mean is not None else None,
+        "std": list(std) if std is not None else None,
+        "val_clips_per_video": val_clips_per_video,
+    }
+    train_ds, val_ds, classes = _build_data(data, None, config.seed, progress)
+    spec, note = adapt_classifier(net, spec, len(classes), seed=config.seed)
+    info = {"data": data, "model": {**source_info, "spec": spec.to_dict()}, "command": command}
+    result = finetune(
+        net, train_ds, val_ds, config, callbacks=callbacks, loss_fn=loss_fn, run_dir=output, spec=spec,
+        classes=classes, overwrite=overwrite, run_info=info, inputs=inputs, datasets=datasets,
+    )
+    if note:
+        result.notes.insert(0, note)
+    return result
