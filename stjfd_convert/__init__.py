@@ -6,11 +6,43 @@ the ``stjfd`` command line is a thin layer over the same functions.
 
 __version__ = "0.1.0"
 
-from .config import AtomSpec, ConvertConfig  # noqa: E402
-from .convert import ConversionReport, convert_model, set_mode  # noqa: E402
-from .errors import StjfdError  # noqa: E402
-from .layers import DecomposedConv3d  # noqa: E402
-from .saved_model import load_converted, save_converted  # noqa: E402
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import AtomSpec, ConvertConfig
+    from .convert import ConversionReport, convert_model, set_mode
+    from .errors import StjfdError
+    from .layers import DecomposedConv3d
+    from .saved_model import load_converted, save_converted
+
+# The public names, imported on first use (PEP 562): `import stjfd_convert` — and so `stjfd --help` —
+# does not pay for importing torch until a command needs it.
+_LAZY = {
+    "AtomSpec": "config",
+    "ConvertConfig": "config",
+    "ConversionReport": "convert",
+    "convert_model": "convert",
+    "set_mode": "convert",
+    "StjfdError": "errors",
+    "DecomposedConv3d": "layers",
+    "load_converted": "saved_model",
+    "save_converted": "saved_model",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
 
 __all__ = [
     "AtomSpec",

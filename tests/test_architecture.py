@@ -98,3 +98,21 @@ def test_architecture_document_matches_the_tree() -> None:
     files = {p.name for p in PACKAGE.rglob("*.py")} | {"train_sample_model.py", Path(__file__).name}
     gone = sorted({a or b for a, b in named} - files)
     assert not gone, f"ARCHITECTURE.md names modules that do not exist: {gone}"
+
+
+def test_help_does_not_import_torch() -> None:
+    """`stjfd --help` (and every command's --help) answers without importing torch (seconds saved)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from stjfd_convert.cli.main import app\n"
+        "for args in (['--help'], ['convert', '--help'], ['finetune', '--help'], ['export', '--help']):\n"
+        "    assert CliRunner().invoke(app, args).exit_code == 0, args\n"
+        "print('torch' in sys.modules)\n"
+    )
+    outcome = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert outcome.returncode == 0, outcome.stderr
+    assert outcome.stdout.strip() == "False", "a CLI module imports torch at import time"

@@ -5,15 +5,16 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..convert import ConversionReport, LayerEvent
-from ..parity import ParityResult
+if TYPE_CHECKING:  # torch is imported only by the commands that need it, so `stjfd --help` starts fast
+    from ..convert import ConversionReport, LayerEvent
+    from ..parity import ParityResult
 
 # Piped output (logs, CI) gets a wide fixed width so tables stay one row per layer;
 # soft_wrap keeps an error on one line whatever the terminal width.
