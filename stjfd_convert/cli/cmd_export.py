@@ -193,6 +193,8 @@ def _render_prediction(prediction: Any, as_json: bool) -> None:
         return
     out = render.stdout
     shape = "×".join(map(str, prediction.input_shape))
+    if prediction.playback_speed != 1.0:
+        shape += f" at playback speed {prediction.playback_speed:g}"
     out.print(
         f"[bold]{escape(prediction.video.name)}[/]: centre clip {shape}, normalised with "
         f"{escape(prediction.normalization_source)}, {prediction.num_classes} classes"
@@ -216,12 +218,16 @@ def predict(
     mean: Optional[str] = typer.Option(None, "--mean", help="input mean per channel (default: the model's metadata)"),
     std: Optional[str] = typer.Option(None, "--std", help="input std per channel (default: the model's metadata)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads"),
+    playback_speed: float = typer.Option(
+        1.0, "--playback-speed", help="resample the clip's frames: 0.5 = video slowed 2×, 2 = sped up 2×"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Classify the centre clip of a video with an exported ONNX model (onnxruntime, CPU)."""
     from ..export import predict as run_predict
 
     prediction = run_predict(
-        model, video, labels=labels, top_k=top_k, mean=_floats(mean, "--mean"), std=_floats(std, "--std"), threads=threads
+        model, video, labels=labels, top_k=top_k, mean=_floats(mean, "--mean"), std=_floats(std, "--std"), threads=threads,
+        playback_speed=playback_speed,
     )
     _render_prediction(prediction, as_json)

@@ -31,7 +31,7 @@ from .build import build_datasets, unlabeled_dataset
 from .dataset import ClipDataset
 from .decode import temporal_indices
 from .loader import ClipLoader, EpochShuffleSampler, make_loader
-from .options import LAYOUTS, ClipConfig, DataError, normalization_for
+from .options import LAYOUTS, ClipConfig, DataError, check_playback_speed, normalization_for
 from .sources import (
     IMAGE_EXTENSIONS,
     LIST_EXTENSIONS,
@@ -58,6 +58,7 @@ __all__ = [
     "VIDEO_EXTENSIONS",
     "VideoSource",
     "build_datasets",
+    "check_playback_speed",
     "downsample_clip",
     "find_sources",
     "find_unlabeled_sources",

@@ -256,7 +256,9 @@ def temporal_indices(num_frames: int, config: ClipConfig, rng: np.random.Generat
 
     Training (``rng`` given, ``config.train``): each clip starts at a random frame. Otherwise K clips start
     evenly from the first to the last possible start (K = 1: the centre clip). A video shorter than the
-    clip's span is looped: indices wrap around ``num_frames`` (eval clips then start at frame 0).
+    clip's span is looped: indices wrap around ``num_frames`` (eval clips then start at frame 0). Within a
+    clip, frames follow ``config.offsets``: every ``frame_stride``-th frame, resampled by ``playback_speed``
+    (0.5 repeats each frame, 2 skips every other one).
     """
     if num_frames < 1:
         raise _LoadFailure("video has no frames")
@@ -270,5 +272,5 @@ def temporal_indices(num_frames: int, config: ClipConfig, rng: np.random.Generat
         starts = np.array([room // 2])
     else:
         starts = np.rint(np.linspace(0, room, clips)).astype(np.int64)
-    offsets = np.arange(config.clip_len) * config.frame_stride
+    offsets = np.asarray(config.offsets, dtype=np.int64)
     return (starts[:, None] + offsets[None, :]) % num_frames

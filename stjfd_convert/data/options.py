@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 from ..errors import ConfigError, StjfdError
 from ..models import TORCHVISION_VIDEO_ARCHS
@@ -21,6 +22,15 @@ class DataError(StjfdError):
     """A dataset that cannot be read: no usable videos, a malformed list, unknown classes."""
 
 
+def check_playback_speed(speed: float) -> float:
+    """``speed`` as a float if it is a finite number > 0, else ``ConfigError`` (``--playback-speed``)."""
+    if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not math.isfinite(speed) or speed <= 0:
+        raise ConfigError(
+            f"--playback-speed must be a positive number, got {speed!r}", "e.g. 0.5 (slowed 2×) or 2 (sped up 2×)"
+        )
+    return float(speed)
+
+
 @dataclass(frozen=True)
 class ClipConfig:
     """How a clip is cut from a video and turned into a tensor.
@@ -28,7 +38,10 @@ class ClipConfig:
     ``size`` is the crop (``int`` for square, or ``(height, width)``); frames are first resized so that
     the short side is ``resize`` (default ``round(min(size) · 128/112)``) and the crop fits. ``train``
     selects a random temporal offset, a random crop and (``flip``) a random horizontal flip; otherwise the
-    centre clip and centre crop. ``mean``/``std`` (0..1 scale, per RGB channel) normalise float output;
+    centre clip and centre crop. ``playback_speed`` f resamples the clip's frames as if the video were
+    played f times as fast: clip frame k is video frame ``start + ⌊k · frame_stride · f⌋`` (nearest earlier
+    frame, no blending), so 0.5 shows each frame twice (slowed 2×) and 2 skips every other one (sped up
+    2×) — tempo robustness without re-encoding videos. ``mean``/``std`` (0..1 scale, per RGB channel) normalise float output;
     without them frames are scaled to 0..1. ``dtype="uint8"`` returns raw frames (no normalisation).
     """
 
@@ -43,6 +56,7 @@ class ClipConfig:
     std: tuple[float, float, float] | None = None
     layout: str = "CTHW"
     dtype: str = "float32"
+    playback_speed: float = 1.0
 
     def __post_init__(self) -> None:
         size = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
@@ -55,6 +69,7 @@ class ClipConfig:
                 raise ConfigError(f"{name} must be an integer ≥ 1, got {value!r}")
         if self.resize is not None and (not isinstance(self.resize, int) or self.resize < 1):
             raise ConfigError(f"resize must be a positive short-side length, got {self.resize!r}")
+        object.__setattr__(self, "playback_speed", check_playback_speed(self.playback_speed))
         if self.layout not in LAYOUTS:
             raise ConfigError(f"unknown layout {self.layout!r}", hint=_LAYOUT_HINT)
         if self.dtype not in DTYPES:
@@ -76,9 +91,21 @@ class ClipConfig:
         return self.resize if self.resize is not None else round(min(self.size) * RESIZE_RATIO)
 
     @property
+    def offsets(self) -> list[int]:
+        """Video frame of each clip frame relative to the clip's start: ``⌊k · frame_stride · playback_speed⌋``.
+
+        Exact rational arithmetic (the speed as a fraction with denominator ≤ 10⁶), so 1/3 or 0.1 never
+        lose a frame to float rounding.
+        """
+        speed = Fraction(self.playback_speed).limit_denominator(10**6)
+        step = speed * self.frame_stride
+        return [math.floor(k * step) for k in range(self.clip_len)]
+
+    @property
     def span(self) -> int:
-        """Frames covered by one clip: ``(clip_len − 1) · frame_stride + 1``."""
-        return (self.clip_len - 1) * self.frame_stride + 1
+        """Frames covered by one clip: ``⌊(clip_len − 1) · frame_stride · playback_speed⌋ + 1``
+        (``(clip_len − 1) · frame_stride + 1`` at normal speed)."""
+        return self.offsets[-1] + 1
 
 
 def normalization_for(arch: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:

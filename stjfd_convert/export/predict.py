@@ -29,6 +29,7 @@ class Prediction:
     top: list[dict[str, Any]]  # {"rank", "index", "label", "probability", "logit"}
     num_classes: int
     seconds: float = 0.0
+    playback_speed: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -64,18 +65,23 @@ def predict(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     threads: int | None = None,
+    playback_speed: float = 1.0,
 ) -> Prediction:
     """Classify the centre clip of ``video`` with an exported ONNX model (onnxruntime, CPU).
 
     Clip length and frame size come from the graph's input (or, for dynamic axes, from the export
     shape stored in its metadata); decoding is ``data.ClipDataset``'s evaluation path (centre clip,
     short side resized to 128/112 of the crop, centre crop). Mean/std come from ``mean``/``std`` or
-    else from the metadata written at export time.
+    else from the metadata written at export time. ``playback_speed`` resamples the clip's frames as
+    if the video played that many times as fast (0.5: slowed 2×; ``data.ClipConfig``).
     """
     start = time.perf_counter()
     model_path, video = Path(model_path), Path(video)
     if top_k < 1:
         raise ConfigError(f"--top-k must be ≥ 1, got {top_k}", "e.g. --top-k 5")
+    from ..data import check_playback_speed
+
+    playback_speed = check_playback_speed(playback_speed)
     if not model_path.is_file():
         raise ConfigError(f"ONNX model {model_path} does not exist", "pass the file written by `stjfd export --onnx`")
     if not video.is_file():
@@ -85,10 +91,12 @@ def predict(
     meta = dict(session.get_modelmeta().custom_metadata_map or {})
     shape = _clip_shape(session, meta, model_path)
     norm, source = _clip_normalization(meta, mean, std, model_path)
-    logits = _logits(session, _centre_clip(video, shape, norm))
+    logits = _logits(session, _centre_clip(video, shape, norm, playback_speed))
     label_names = _class_names(meta, label_names, len(logits), labels)
     top = _top_classes(logits, top_k, label_names)
-    return Prediction(video, model_path, tuple(shape), norm, source, top, len(logits), time.perf_counter() - start)
+    return Prediction(
+        video, model_path, tuple(shape), norm, source, top, len(logits), time.perf_counter() - start, float(playback_speed)
+    )
 
 
 def _clip_shape(session: Any, meta: Mapping[str, str], model_path: Path) -> list[int]:
@@ -132,12 +140,17 @@ def _clip_normalization(
     )
 
 
-def _centre_clip(video: Path, shape: Sequence[int], norm: Mapping[str, Sequence[float]]) -> np.ndarray:
+def _centre_clip(
+    video: Path, shape: Sequence[int], norm: Mapping[str, Sequence[float]], playback_speed: float = 1.0
+) -> np.ndarray:
     """The centre clip of ``video`` as evaluation decodes it, float32 [batch, 3, T, H, W] (the clip repeated)."""
     from ..data import ClipConfig, ClipDataset, VideoSource
 
     batch, _, clip_len, height, width = shape
-    config = ClipConfig(clip_len=clip_len, size=(height, width), mean=tuple(norm["mean"]), std=tuple(norm["std"]))
+    config = ClipConfig(
+        clip_len=clip_len, size=(height, width), mean=tuple(norm["mean"]), std=tuple(norm["std"]),
+        playback_speed=playback_speed,
+    )
     dataset = ClipDataset([VideoSource(video, -1)], ["video"], config, probe="metadata", probe_workers=1, name=str(video))
     clip, _ = dataset[0]  # float32 [3, T, H, W]; DataError if it cannot be decoded
     return clip.unsqueeze(0).expand(batch, -1, -1, -1, -1).contiguous().numpy()
