@@ -9,17 +9,19 @@ __version__ = "0.1.0"
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .config import AtomSpec, ConvertConfig
+    from .config import AtomSpec, ConvertConfig, SwapConfig
     from .convert import ConversionReport, convert_model, set_mode
     from .errors import StjfdError
     from .layers import DecomposedConv3d
     from .saved_model import load_converted, save_converted
+    from .swap import swap_atoms, swap_folder
 
 # The public names, imported on first use (PEP 562): `import stjfd_convert` — and so `stjfd --help` —
 # does not pay for importing torch until a command needs it.
 _LAZY = {
     "AtomSpec": "config",
     "ConvertConfig": "config",
+    "SwapConfig": "config",
     "ConversionReport": "convert",
     "convert_model": "convert",
     "set_mode": "convert",
@@ -27,6 +29,8 @@ _LAZY = {
     "DecomposedConv3d": "layers",
     "load_converted": "saved_model",
     "save_converted": "saved_model",
+    "swap_atoms": "swap",
+    "swap_folder": "swap",
 }
 
 
@@ -50,9 +54,12 @@ __all__ = [
     "ConvertConfig",
     "DecomposedConv3d",
     "StjfdError",
+    "SwapConfig",
     "__version__",
     "convert_model",
     "load_converted",
     "save_converted",
     "set_mode",
+    "swap_atoms",
+    "swap_folder",
 ]

@@ -99,3 +99,67 @@ class ConvertConfig:
         data.pop("extra")
         data["policy"] = self.policy
         return data
+
+
+SWAP_NORMALIZATIONS = ("integral", "energy")  # functional.resample.RESIZE_NORMALIZATIONS
+
+
+@dataclass(frozen=True)
+class SwapConfig:
+    """Which atoms ``swap.swap_atoms`` replaces, and by what.
+
+    - ``temporal_dilation`` d: the temporal atoms' conv runs with its dilation × d (padding grows so the
+      output length stays the same);
+    - ``temporal_size`` n: each temporal atom interpolated to n taps;
+    - ``spatial_size`` n (or ``(h, w)``): each spatial atom interpolated to an n×n (h×w) kernel;
+    - ``normalization`` of resized atoms: ``integral`` (default) or ``energy`` (``functional/resample.py``);
+    - ``include``/``exclude``: fnmatch globs on the decomposed layers' module names.
+    At least one of the three swaps must be given; ``temporal_dilation=1`` or a size equal to a layer's
+    own is the identity.
+    """
+
+    temporal_dilation: int | None = None
+    temporal_size: int | None = None
+    spatial_size: int | tuple[int, int] | None = None
+    normalization: str = "integral"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("--temporal-dilation", self.temporal_dilation, "a dilation of 2 reads video played 2× slower"),
+            ("--temporal-size", self.temporal_size, "e.g. --temporal-size 5 (taps per temporal atom)"),
+        )
+        for flag, value, hint in checks:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{flag} must be an integer ≥ 1, got {value!r}", hint)
+        if self.spatial_size is not None:
+            size = (self.spatial_size,) * 2 if isinstance(self.spatial_size, int) else tuple(self.spatial_size)
+            if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in size):
+                raise ConfigError(
+                    f"--spatial-size must be an integer ≥ 1 (or height, width), got {self.spatial_size!r}",
+                    "e.g. --spatial-size 5 for 5×5 spatial atoms",
+                )
+            object.__setattr__(self, "spatial_size", size)
+        if self.temporal_dilation is None and self.temporal_size is None and self.spatial_size is None:
+            raise ConfigError(
+                "nothing to swap", "give --temporal-dilation, --temporal-size and/or --spatial-size"
+            )
+        if self.normalization not in SWAP_NORMALIZATIONS:
+            raise ConfigError(
+                f"unknown normalization {self.normalization!r}", f"use one of {', '.join(SWAP_NORMALIZATIONS)}"
+            )
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    @property
+    def temporal(self) -> bool:
+        """True when the temporal atoms are to be dilated or resized."""
+        return self.temporal_dilation is not None or self.temporal_size is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["spatial_size"] = list(self.spatial_size) if self.spatial_size is not None else None
+        data["include"] = list(self.include)
+        data["exclude"] = list(self.exclude)
+        return data

@@ -48,6 +48,11 @@ class ModelError(StjfdError):
     """The model itself cannot be processed (e.g. it has no Conv3d to decompose)."""
 
 
+class SwapError(ConfigError):
+    """An atom swap that does not apply: a layer whose temporal kernel is 1, atoms that do not fit in the
+    new size, an output size that padding cannot keep, or nothing left to swap."""
+
+
 class OutputError(StjfdError):
     """An output path that cannot be written."""
 
