@@ -17,6 +17,7 @@ Every command that writes goes through :func:`check_output` (early, before long 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -320,6 +321,9 @@ def make_staging_dir(target: Path, hint: str = "choose another output path") -> 
 
 def _publish(staging: Path, target: Path) -> None:
     """Rename ``staging`` onto ``target``; an existing target is moved aside first and removed after."""
+    if not staging.is_dir() and not target.is_dir():
+        os.replace(staging, target)  # a file replaces a file atomically, no window without one
+        return
     backup = None
     if target.exists():
         backup = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -334,56 +338,45 @@ def _publish(staging: Path, target: Path) -> None:
         _remove(backup)
 
 
-@contextlib.contextmanager
-def atomic_directory(
-    target: str | os.PathLike[str],
-    kind: str,
-    *,
-    force: bool = False,
-    inputs: Iterable[str | os.PathLike[str]] = (),
-    datasets: Iterable[str | os.PathLike[str]] = (),
-) -> Iterator[Path]:
-    """Yield a hidden staging folder beside ``target``; on success it replaces ``target`` in one rename.
-
-    :func:`check_output` decides whether ``target`` may be written. On any exception the staging
-    folder is removed and ``target`` is left as it was.
-    """
-    target = check_output(target, kind, force=force, inputs=inputs, datasets=datasets)
-    staging = make_staging_dir(target)
-    try:
-        yield staging
-        _apply_umask(staging, 0o777)
-        _publish(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_file(
-    target: str | os.PathLike[str],
-    kind: str,
-    *,
-    force: bool = False,
-    inputs: Iterable[str | os.PathLike[str]] = (),
-    datasets: Iterable[str | os.PathLike[str]] = (),
-) -> Iterator[Path]:
-    """Yield a hidden staging file path beside ``target``; renamed onto ``target`` on success.
-
-    ``kind="internal"`` is for stjfd's own files inside a folder it owns (a manifest, metrics.jsonl).
-    """
-    target = check_output(target, kind, force=force, inputs=inputs, datasets=datasets)
+def _make_staging_file(target: Path) -> Path:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.tmp-{os.getpid()}-", suffix=target.suffix)
     except OSError as exc:
         raise OutputError(f"cannot write to {target.parent}: {_describe_os_error(exc)}", "choose another output path") from None
     os.close(fd)
-    staging = Path(name)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def atomic_output(
+    target: str | os.PathLike[str],
+    kind: str,
+    *,
+    directory: bool,
+    force: bool = False,
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    datasets: Iterable[str | os.PathLike[str]] = (),
+) -> Iterator[Path]:
+    """Yield a hidden staging folder (``directory``) or file path beside ``target``; on success it
+    replaces ``target`` in one rename.
+
+    :func:`check_output` decides whether ``target`` may be written. On any exception the staging
+    entry is removed and ``target`` is left as it was. ``kind="internal"`` is for stjfd's own files
+    inside a folder it owns (a manifest, metrics.jsonl).
+    """
+    target = check_output(target, kind, force=force, inputs=inputs, datasets=datasets)
+    staging = make_staging_dir(target) if directory else _make_staging_file(target)
     try:
         yield staging
-        _apply_umask(staging, 0o666)
-        os.replace(staging, target)
+        _apply_umask(staging, 0o777 if directory else 0o666)
+        _publish(staging, target)
     except BaseException:
-        staging.unlink(missing_ok=True)
+        _remove(staging)
         raise
+
+
+#: ``atomic_directory(target, kind, force=…, inputs=…, datasets=…)``: stage a folder, rename it into place.
+atomic_directory = functools.partial(atomic_output, directory=True)
+#: ``atomic_file(target, kind, force=…, inputs=…, datasets=…)``: stage a file, rename it into place.
+atomic_file = functools.partial(atomic_output, directory=False)
