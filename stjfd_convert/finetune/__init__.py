@@ -56,13 +56,14 @@ The package, by what each part does (imports flow one way, top to bottom; nothin
   lands here), :class:`NonFiniteLossError`.
 - ``results``, ``events``: the result dataclasses and the events callbacks receive.
 - ``distributed``: samplers, the process group, devices, determinism, AMP.
-- ``checkpoint``: the training state's format, RNG state, reading a run folder back,
-  :class:`ResumeError`, :class:`TrainingInterrupted`.
+- ``checkpoint``: the training state's format and position, RNG state, the SIGINT/SIGTERM flag,
+  reading a run folder back, :class:`ResumeError`, :class:`TrainingInterrupted`.
 - ``stage_memory``: the saved-for-backward byte counter of a stage's first step.
 - ``surgery``: :func:`adapt_classifier`, parameter groups, the optimizer.
 - ``metrics``: metrics.jsonl (:func:`read_metrics`) and :func:`plot_training_curve`.
 - ``evaluation``: :func:`recalibrate_batchnorm`, :func:`evaluate`, :func:`evaluate_folder`.
-- ``trainer``: the trainer of one run (rank-aware).
+- ``run_folder`` ← ``stage_setup`` ← ``trainer``: the trainer of one run (rank-aware), as two mixins
+  (its files and checkpoints; its stages' set-up) and the training loop.
 - ``run``: :func:`finetune`, :func:`resume`, :func:`finetune_paths`.
 """
 

@@ -1,11 +1,15 @@
-"""Resuming: the training state's format, RNG state as ``weights_only``-safe values, reading a run folder
-back, the manifest fields a checkpoint records, and the errors of a stopped or unresumable run."""
+"""Stopping and resuming: the training state's format and position, RNG state as ``weights_only``-safe
+values, the SIGINT/SIGTERM flag, reading a run folder back, the manifest fields a checkpoint records, and
+the errors of a stopped or unresumable run."""
 
 from __future__ import annotations
 
 import json
 import random
+import signal
+import threading
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,50 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.checkpoint = checkpoint
         self.position = dict(position)
         self.signal_name = signal_name  # SIGINT, SIGTERM, or KeyboardInterrupt (raised by a callback)
+
+
+@dataclass
+class _Position:
+    """Where training stands: the next micro-batch to run is ``batch`` of ``epoch`` in stage ``stage``."""
+
+    stage: int = 0
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class _SignalFlag:
+    """SIGINT/SIGTERM set a flag (the loop stops after the current optimizer step); a second SIGINT
+    raises KeyboardInterrupt at once. Installed only in the main thread."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def __enter__(self) -> _SignalFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+                except (ValueError, OSError):  # pragma: no cover - exotic embeddings
+                    pass
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:

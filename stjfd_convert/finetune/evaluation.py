@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,10 @@ from .config import FinetuneConfig
 from .distributed import _amp_settings, _autocast, _current_dist, _Dist, _resolve_device, _ShardSampler
 from .results import EvalResult
 from .surgery import _last_linear
+
+if TYPE_CHECKING:  # types only: data and saved_model are imported when evaluate_folder runs
+    from ..data import ClipConfig
+    from ..saved_model import ConvertedModel
 
 
 def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -225,14 +230,48 @@ def evaluate_folder(
     the split's folder names). ``data`` is a split (class folders or list file), or a root holding ``val/``.
     Returns the result and the skipped (path, reason) pairs.
     """
-    from ..data import ClipConfig, ClipDataset, DataError, find_sources, normalization_for
-    from ..models import TORCHVISION_VIDEO_ARCHS
+    from ..data import ClipDataset, DataError, find_sources
     from ..saved_model import load_converted
 
     loaded = load_converted(model_dir, trust_pickle=trust_pickle, trust_code=trust_code)
     recorded = (loaded.manifest.get("finetune") or {}) if isinstance(loaded.manifest.get("finetune"), dict) else {}
-    clip = recorded.get("clip") or {}
     classes = recorded.get("classes")
+    config = _recorded_clip_config(
+        model_dir, loaded, recorded.get("clip") or {}, clip_len=clip_len, size=size, frame_stride=frame_stride,
+        clips_per_video=clips_per_video, mean=mean, std=std,
+    )
+    split = Path(data)
+    if split.is_dir() and (split / "val").is_dir() and not (classes and "val" in classes):
+        split = split / "val"
+    sources, found_classes, skipped = find_sources(split, classes)
+    if not sources:
+        raise DataError(f"{split} has no videos to evaluate", "pass a folder of class folders or a list file")
+    dataset = ClipDataset(sources, found_classes, config, name=str(split))
+    result = evaluate(
+        loaded.model, dataset, classes=found_classes, batch_size=batch_size, workers=workers, device=device,
+        amp=amp, progress=progress,
+    )
+    return result, [(str(p), r) for p, r in dataset.skipped]
+
+
+def _recorded_clip_config(
+    model_dir: str | Path,
+    loaded: ConvertedModel,
+    clip: Mapping[str, Any],
+    *,
+    clip_len: int | None,
+    size: int | tuple[int, int] | None,
+    frame_stride: int | None,
+    clips_per_video: int | None,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+) -> ClipConfig:
+    """The evaluation clips of a saved model (``loaded``): each option as given, else as fine-tuning
+    recorded it (``clip``), else from the manifest's input shape; normalisation else the torchvision
+    architecture's."""
+    from ..data import ClipConfig, normalization_for
+    from ..models import TORCHVISION_VIDEO_ARCHS
+
     clip_len = clip_len or clip.get("clip_len")
     if size is None and clip.get("size"):
         size = tuple(clip["size"])
@@ -248,21 +287,9 @@ def evaluate_folder(
         spec = loaded.spec
         if mean is None and spec.kind == "torchvision" and spec.name in TORCHVISION_VIDEO_ARCHS:
             mean, std = normalization_for(spec.name)
-    config = ClipConfig(
+    return ClipConfig(
         clip_len=int(clip_len), size=size if isinstance(size, int) else tuple(int(s) for s in size),
         frame_stride=int(frame_stride or clip.get("frame_stride") or 1), resize=clip.get("resize"), train=False,
         clips_per_video=int(clips_per_video or clip.get("clips_per_video") or 1),
         mean=tuple(mean) if mean is not None else None, std=tuple(std) if std is not None else None,
     )
-    split = Path(data)
-    if split.is_dir() and (split / "val").is_dir() and not (classes and "val" in classes):
-        split = split / "val"
-    sources, found_classes, skipped = find_sources(split, classes)
-    if not sources:
-        raise DataError(f"{split} has no videos to evaluate", "pass a folder of class folders or a list file")
-    dataset = ClipDataset(sources, found_classes, config, name=str(split))
-    result = evaluate(
-        loaded.model, dataset, classes=found_classes, batch_size=batch_size, workers=workers, device=device,
-        amp=amp, progress=progress,
-    )
-    return result, [(str(p), r) for p, r in dataset.skipped]
