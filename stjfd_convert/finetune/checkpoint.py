@@ -1,6 +1,6 @@
 """Stopping and resuming: the training state's format and position, RNG state as ``weights_only``-safe
-values, the SIGINT/SIGTERM flag, reading a run folder back, the manifest fields a checkpoint records, and
-the errors of a stopped or unresumable run."""
+values, the SIGINT/SIGTERM flag, reading a run folder back, the clip and input normalisation a checkpoint's
+manifest records, and the errors of a stopped or unresumable run."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import StjfdError
+from ..errors import StjfdError, first_line
 from ..formats import CONFIG_FILE, LAST_DIR, RUN_FORMAT, STATE_FILE
+from ..models import ArchSpec
 
 
 STATE_FORMAT = "stjfd-training-state"
@@ -134,6 +135,16 @@ def _manifest_normalization(clip: Mapping[str, Any]) -> dict[str, list[float]]:
     return {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
 
 
+def _pretrained_normalization(spec: ArchSpec) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """``(mean, std)`` of a torchvision video architecture's pretrained weights; None for other models."""
+    from ..data import normalization_for
+    from ..models import TORCHVISION_VIDEO_ARCHS
+
+    if spec.kind == "torchvision" and spec.name in TORCHVISION_VIDEO_ARCHS:
+        return normalization_for(spec.name)
+    return None
+
+
 def _clip_description(dataset: Dataset | None) -> dict[str, Any] | None:
     config = getattr(dataset, "config", None)
     if config is None or not hasattr(config, "clip_len"):
@@ -174,7 +185,7 @@ def load_training_state(run_dir: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a damaged file
-        raise ResumeError(f"{path} cannot be read: {str(exc).splitlines()[0][:200]}", "start a new run") from None
+        raise ResumeError(f"{path} cannot be read: {first_line(exc)[:200]}", "start a new run") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ResumeError(f"{path} is not a stjfd training state", "start a new run")
     if int(state.get("version", 0)) > STATE_VERSION:

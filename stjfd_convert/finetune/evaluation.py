@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError
+from .checkpoint import _pretrained_normalization
 from .config import FinetuneConfig
 from .distributed import _amp_settings, _autocast, _current_dist, _Dist, _resolve_device, _ShardSampler
 from .results import EvalResult
@@ -269,8 +270,7 @@ def _recorded_clip_config(
     """The evaluation clips of a saved model (``loaded``): each option as given, else as fine-tuning
     recorded it (``clip``), else from the manifest's input shape; normalisation else the torchvision
     architecture's."""
-    from ..data import ClipConfig, normalization_for
-    from ..models import TORCHVISION_VIDEO_ARCHS
+    from ..data import ClipConfig
 
     clip_len = clip_len or clip.get("clip_len")
     if size is None and clip.get("size"):
@@ -284,9 +284,8 @@ def _recorded_clip_config(
         raise ConfigError(f"{model_dir} records no clip size", "pass --clip-len and --size")
     if mean is None and std is None:
         mean, std = clip.get("mean"), clip.get("std")
-        spec = loaded.spec
-        if mean is None and spec.kind == "torchvision" and spec.name in TORCHVISION_VIDEO_ARCHS:
-            mean, std = normalization_for(spec.name)
+        if mean is None:
+            mean, std = _pretrained_normalization(loaded.spec) or (mean, std)
     return ClipConfig(
         clip_len=int(clip_len), size=size if isinstance(size, int) else tuple(int(s) for s in size),
         frame_stride=int(frame_stride or clip.get("frame_stride") or 1), resize=clip.get("resize"), train=False,

@@ -16,7 +16,7 @@ from ..atomic import check_output
 from ..errors import ConfigError
 from ..formats import CONFIG_FILE, LAST_DIR
 from ..models import ArchSpec
-from .checkpoint import ResumeError, load_training_state, read_run_config
+from .checkpoint import ResumeError, _pretrained_normalization, load_training_state, read_run_config
 from .config import FinetuneConfig
 from .distributed import _Dist, _init_distributed
 from .events import Callback
@@ -221,9 +221,6 @@ def finetune_paths(
     The classifier is re-created when the model predicts another number of classes than the dataset has.
     Normalisation defaults to the statistics of the torchvision architecture (if any).
     """
-    from ..data import normalization_for
-    from ..models import TORCHVISION_VIDEO_ARCHS
-
     from ..models import model_source_paths
 
     is_main = os.environ.get("RANK", "0") == "0"
@@ -234,8 +231,8 @@ def finetune_paths(
         model_source, arch=arch, model=model, model_kwargs=model_kwargs, trust_pickle=trust_pickle,
         trust_code=trust_code,
     )
-    if mean is None and std is None and spec.kind == "torchvision" and spec.name in TORCHVISION_VIDEO_ARCHS:
-        mean, std = normalization_for(spec.name)
+    if mean is None and std is None:
+        mean, std = _pretrained_normalization(spec) or (None, None)
     data = {
         "root": str(Path(data_root).absolute()),
         "clip_len": clip_len,

@@ -416,9 +416,7 @@ class _Trainer(_StageSetup):
         start = time.perf_counter()
         if self.resumed and self.position.stage >= len(self.plans):
             self.notes.append("the run had already finished: nothing was trained and no file was changed")
-            stages = [StageSummary.from_dict(self.stage_summaries[p.index]) for p in self.plans
-                      if p.index in self.stage_summaries]
-            return self._result(start, stages, changed=False)
+            return self._result(start, self._summaries(self.plans), changed=False)
         try:
             return self._run(start)
         except TrainingInterrupted:
@@ -426,6 +424,10 @@ class _Trainer(_StageSetup):
         except BaseException:
             self._remove_empty_run()
             raise
+
+    def _summaries(self, plans: Sequence[StagePlan]) -> list[StageSummary]:
+        """The summaries of those of ``plans`` that have started (when resuming: the finished ones)."""
+        return [StageSummary.from_dict(self.stage_summaries[p.index]) for p in plans if p.index in self.stage_summaries]
 
     def _result(self, start: float, stages: list[StageSummary], *, changed: bool = True) -> FinetuneResult:
         return FinetuneResult(
@@ -458,10 +460,7 @@ class _Trainer(_StageSetup):
         else:
             _seed_everything(self.config.seed)
             self.rng_at_boundary = None
-        stage_results: list[StageSummary] = [
-            StageSummary.from_dict(self.stage_summaries[p.index]) for p in self.plans[: self.position.stage]
-            if p.index in self.stage_summaries
-        ]
+        stage_results = self._summaries(self.plans[: self.position.stage])
         try:
             with _SignalFlag() as flag, _deterministic(self.config.deterministic, self.device):
                 for plan in self.plans[self.position.stage :]:
