@@ -116,3 +116,20 @@ def test_help_does_not_import_torch() -> None:
     outcome = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert outcome.returncode == 0, outcome.stderr
     assert outcome.stdout.strip() == "False", "a CLI module imports torch at import time"
+
+
+def test_public_api_named_in_the_readme_imports() -> None:
+    """Every `from stjfd_convert import …` name and `stjfd_convert.x.y` entry point the README names exists."""
+    import importlib
+    import re
+
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    names = [
+        ("stjfd_convert", name.strip())
+        for line in re.findall(r"^from stjfd_convert import (.+)$", readme, flags=re.M)
+        for name in line.split(",")
+    ]
+    names += [tuple(dotted.rsplit(".", 1)) for dotted in re.findall(r"`(stjfd_convert(?:\.[a-z_]+)+)`", readme)]
+    assert len(names) >= 8, names
+    for module, attribute in names:
+        assert hasattr(importlib.import_module(module), attribute), f"{module}.{attribute}"
