@@ -416,6 +416,9 @@ def evaluate(
     amp: bool = typer.Option(False, "--amp", help="mixed precision"),
     trust_pickle: bool = typer.Option(False, "--trust-pickle"),
     trust_code: bool = typer.Option(False, "--trust-code", help="allow the model builder the folder's manifest names"),
+    playback_speed: float = typer.Option(
+        1.0, "--playback-speed", help="resample each clip's frames: 0.5 = videos slowed 2×, 2 = sped up 2×"
+    ),
     as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ) -> None:
     """Accuracy (top-1/top-5), loss, per-class accuracy and confusion matrix at full resolution."""
@@ -439,7 +442,7 @@ def evaluate(
             model_dir, data, clip_len=clip_len, size=_parse_size(size) if size else None, frame_stride=frame_stride,
             clips_per_video=clips_per_video, mean=_parse_triple("--mean", mean), std=_parse_triple("--std", std),
             batch_size=batch_size, workers=workers, device=device, amp=amp, trust_pickle=trust_pickle,
-            trust_code=trust_code, progress=progress,
+            trust_code=trust_code, progress=progress, playback_speed=playback_speed,
         )
     if as_json:
         render.print_json({**result.to_dict(), "skipped": [{"path": p, "reason": r} for p, r in skipped]})
@@ -461,6 +464,7 @@ def evaluate(
     out.print(
         f"[bold]top-1[/] {_pct(result.top1)} ({correct}/{result.clips}) · [bold]top-{result.top5_k}[/] "
         f"{_pct(result.top5)} · loss {_num(result.loss)} on {result.clips} videos from {escape(str(data))}"
+        + (f" at playback speed {result.playback_speed:g}" if result.playback_speed != 1.0 else "")
     )
     for path, reason in skipped:
         out.print(f"[yellow]skipped[/] {escape(path)}: {escape(reason)}")

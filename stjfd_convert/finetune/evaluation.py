@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -224,16 +224,20 @@ def evaluate_folder(
     trust_pickle: bool = False,
     trust_code: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    playback_speed: float = 1.0,
 ) -> tuple[EvalResult, list[tuple[str, str]]]:
     """Evaluate a saved model folder (``runs/x/best``, or any converted model) on a labelled split.
 
     Clip options default to those recorded by fine-tuning in the manifest; classes are the run's (else
     the split's folder names). ``data`` is a split (class folders or list file), or a root holding ``val/``.
-    Returns the result and the skipped (path, reason) pairs.
+    ``playback_speed`` resamples each clip's frames as if the videos played that many times as fast (0.5:
+    slowed 2×; ``data.ClipConfig``) and is recorded in the result. Returns the result and the skipped
+    (path, reason) pairs.
     """
-    from ..data import ClipDataset, DataError, find_sources
+    from ..data import ClipDataset, DataError, check_playback_speed, find_sources
     from ..saved_model import load_converted
 
+    playback_speed = check_playback_speed(playback_speed)
     loaded = load_converted(model_dir, trust_pickle=trust_pickle, trust_code=trust_code)
     recorded = (loaded.manifest.get("finetune") or {}) if isinstance(loaded.manifest.get("finetune"), dict) else {}
     classes = recorded.get("classes")
@@ -241,6 +245,7 @@ def evaluate_folder(
         model_dir, loaded, recorded.get("clip") or {}, clip_len=clip_len, size=size, frame_stride=frame_stride,
         clips_per_video=clips_per_video, mean=mean, std=std,
     )
+    config = replace(config, playback_speed=playback_speed)
     split = Path(data)
     if split.is_dir() and (split / "val").is_dir() and not (classes and "val" in classes):
         split = split / "val"
@@ -252,6 +257,7 @@ def evaluate_folder(
         loaded.model, dataset, classes=found_classes, batch_size=batch_size, workers=workers, device=device,
         amp=amp, progress=progress,
     )
+    result.playback_speed = playback_speed
     return result, [(str(p), r) for p, r in dataset.skipped]
 
 

@@ -54,6 +54,7 @@ class EvalResult:
     per_class: list[dict[str, Any]]
     confusion: list[list[int]]  # [true][predicted]
     seconds: float = 0.0
+    playback_speed: float = 1.0  # the clips' frames resampled as if played this many times as fast
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
