@@ -101,7 +101,7 @@ class ConvertConfig:
         return data
 
 
-SWAP_NORMALIZATIONS = ("integral", "energy")  # functional.resample.RESIZE_NORMALIZATIONS
+SWAP_NORMALIZATIONS = ("sum", "energy")  # functional.resample.RESIZE_NORMALIZATIONS
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ class SwapConfig:
       output length stays the same);
     - ``temporal_size`` n: each temporal atom interpolated to n taps;
     - ``spatial_size`` n (or ``(h, w)``): each spatial atom interpolated to an n×n (h×w) kernel;
-    - ``normalization`` of resized atoms: ``integral`` (default) or ``energy`` (``functional/resample.py``);
+    - ``normalization`` of resized atoms: ``sum`` (default: taps × L/n) or ``energy`` (``functional/resample.py``);
     - ``include``/``exclude``: fnmatch globs on the decomposed layers' module names.
     At least one of the three swaps must be given; ``temporal_dilation=1`` or a size equal to a layer's
     own is the identity.
@@ -121,7 +121,7 @@ class SwapConfig:
     temporal_dilation: int | None = None
     temporal_size: int | None = None
     spatial_size: int | tuple[int, int] | None = None
-    normalization: str = "integral"
+    normalization: str = "sum"
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
 

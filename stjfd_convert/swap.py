@@ -10,8 +10,8 @@ extent while A stays as trained (Miao et al. 2021, "atom swapping"):
   W[o,i,t,s] = Σ A Ψ[t,p] Φ[s,q] is linear in Ψ and a dilation acts on the tap axis alone, dilating the
   temporal atoms is *exactly* dilating the rebuilt dense kernel in time.
 - **resizing** to n taps interpolates each atom (``functional/resample.py``: linear with aligned ends,
-  taps scaled by (L − 1)/(n − 1) so the atom's integral is kept; or ``normalization="energy"``: each
-  atom keeps its L2 norm). The kernel size changes, A does not.
+  taps scaled by L/n so the mean tap — a constant atom's response to a static clip — is kept; or
+  ``normalization="energy"``: each atom keeps its L2 norm). The kernel size changes, A does not.
 
 Padding: the output size must not change, so each changed axis's padding grows (or shrinks) by half the
 change of the kernel's extent ``dilation·(k − 1)`` on each side — which keeps the kernel centred on the

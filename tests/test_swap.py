@@ -88,25 +88,23 @@ def run_form(layer: DecomposedConv3d, form: str, x: torch.Tensor) -> torch.Tenso
         layer.mode = previous
 
 
-def trapezoid(atoms: torch.Tensor) -> torch.Tensor:
-    """Σ taps with the end taps halved, per atom (the integral of the piecewise-linear atom)."""
-    return atoms.sum(0) - (atoms[0] + atoms[-1]) / 2
-
-
 # --------------------------------------------------------------------------------------------
 # 1. Resampling maths and options
 # --------------------------------------------------------------------------------------------
 
 
-def test_three_taps_to_five_keep_the_old_taps_fill_midpoints_and_keep_the_integral() -> None:
+def test_three_taps_to_five_keep_the_old_taps_fill_midpoints_and_keep_the_mean_tap() -> None:
     atoms = torch.tensor([[1.0, 0.0], [2.0, 1.0], [4.0, -1.0]], dtype=torch.float64)
     resized = resample_temporal_atoms(atoms, 5)
-    # The new spacing is half an old tap, so every interpolated tap is scaled by ½.
-    expected = 0.5 * torch.tensor([[1.0, 0.0], [1.5, 0.5], [2.0, 1.0], [3.0, 0.0], [4.0, -1.0]], dtype=torch.float64)
+    # Linear interpolation at the ×2-dilation positions, scaled by 3/5 so the mean tap is kept.
+    expected = 0.6 * torch.tensor([[1.0, 0.0], [1.5, 0.5], [2.0, 1.0], [3.0, 0.0], [4.0, -1.0]], dtype=torch.float64)
     torch.testing.assert_close(resized, expected, atol=ATOL_FP64, rtol=RTOL_FP64)
-    torch.testing.assert_close(trapezoid(resized), trapezoid(atoms), atol=ATOL_FP64, rtol=RTOL_FP64)
-    # One tap holds the integral; energy normalisation keeps every atom's L2 norm instead.
-    torch.testing.assert_close(resample_temporal_atoms(atoms, 1)[0], trapezoid(atoms), atol=ATOL_FP64, rtol=RTOL_FP64)
+    constant = torch.ones(3, 1, dtype=torch.float64)
+    for size in (1, 2, 5, 9):  # a constant atom (a static clip's response) keeps its sum at every size
+        torch.testing.assert_close(resample_temporal_atoms(constant, size).sum(0), constant.sum(0), atol=ATOL_FP64,
+                                   rtol=RTOL_FP64)
+    # One tap: the centre sample, times L. Energy normalisation keeps every atom's L2 norm instead.
+    torch.testing.assert_close(resample_temporal_atoms(atoms, 1)[0], 3 * atoms[1], atol=ATOL_FP64, rtol=RTOL_FP64)
     kept = resample_temporal_atoms(atoms, 5, "energy")
     torch.testing.assert_close(kept.norm(dim=0), atoms.norm(dim=0), atol=ATOL_FP64, rtol=RTOL_FP64)
     torch.testing.assert_close(kept / kept.norm(dim=0), resized / resized.norm(dim=0), atol=ATOL_FP64, rtol=RTOL_FP64)
@@ -237,7 +235,7 @@ def test_dilated_temporal_atoms_equal_the_dilated_dense_kernel(geometry: str, di
 def test_resized_atoms_equal_the_dense_kernel_resized_with_many_more_parameters() -> None:
     layer = make_layer(GEOMETRIES["3x3x3-pad1"])
     new, record = swap_layer(layer, SwapConfig(temporal_size=5))
-    resized_dense = torch.einsum("nt,oithw->oinhw", interpolation_matrix(3, 5), layer.weight.detach())
+    resized_dense = torch.einsum("nt,oithw->oinhw", interpolation_matrix(3, 5) * 3 / 5, layer.weight.detach())
     torch.testing.assert_close(new.weight.detach(), resized_dense, atol=ATOL_FP64, rtol=RTOL_FP64)
     # The handle: the swap touches L·m_t shared numbers; resizing the dense kernel grows every filter.
     grown_atoms = new.num_weight_params() - layer.num_weight_params()
@@ -499,3 +497,65 @@ def test_playback_speed_resamples_the_clip_frames(speed: float, offsets: list[in
 def test_a_nonsense_playback_speed_is_refused(speed: float) -> None:
     with pytest.raises(ConfigError, match="--playback-speed"):
         ClipConfig(clip_len=4, size=8, playback_speed=speed)
+
+
+@pytest.fixture(scope="module")
+def shape_videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three classes of moving-shape videos (tests/videos.py), long enough for a sped-up clip."""
+    from videos import make_video_dataset
+
+    root = tmp_path_factory.mktemp("videos") / "val"
+    make_video_dataset(root, per_class=2, T=24, H=32, W=32)
+    return root
+
+
+def _expected_eval(folder: Path, split: Path, speed: float) -> Any:
+    from stjfd_convert.data import ClipDataset, find_sources
+    from stjfd_convert.finetune import evaluate
+
+    sources, classes, _ = find_sources(split)
+    config = ClipConfig(clip_len=SAMPLE_SHAPE[2], size=SAMPLE_SHAPE[3:], playback_speed=speed)
+    return evaluate(load_converted(folder).model, ClipDataset(sources, classes, config), device="cpu")
+
+
+def test_cli_evaluate_playback_speed_on_generated_videos(sample_dir: Path, shape_videos: Path, tmp_path: Path) -> None:
+    slow2x = swap_folder(sample_dir, tmp_path / "slow2x", SwapConfig(temporal_dilation=2)).output
+    losses = {}
+    for folder in (sample_dir, slow2x):
+        for speed in (1.0, 0.5, 2.0):
+            outcome = run_cli(["evaluate", folder, shape_videos, "--playback-speed", speed, "--workers", 0, "--json"])
+            assert outcome.exit_code == 0, outcome.output
+            data = json.loads(outcome.stdout)
+            assert data["playback_speed"] == speed and data["clips"] == 6
+            expected = _expected_eval(folder, shape_videos, speed)
+            assert data["loss"] == pytest.approx(expected.loss, abs=ATOL_FP32) and data["top1"] == expected.top1
+            losses[folder.name, speed] = data["loss"]
+    assert losses[sample_dir.name, 0.5] != losses[sample_dir.name, 1.0]  # the clips really were resampled
+    human = run_cli(["evaluate", slow2x, shape_videos, "--playback-speed", 0.5, "--workers", 0])
+    assert human.exit_code == 0 and "at playback speed 0.5" in human.stdout
+    for bad in ("0", "-1", "nan"):
+        assert_one_error_line(run_cli(["evaluate", sample_dir, shape_videos, "--playback-speed", bad]),
+                              "--playback-speed")
+
+
+def test_cli_predict_playback_speed(sample_dir: Path, shape_videos: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from stjfd_convert.data import ClipDataset, VideoSource
+
+    onnx_file = tmp_path / "sample.onnx"
+    outcome = run_cli(["export", sample_dir, "--onnx", onnx_file, "--mean", "0,0,0", "--std", "1,1,1", "--runs", 0,
+                       "--json"])
+    assert outcome.exit_code == 0, outcome.output
+    video = sorted(shape_videos.rglob("*.mp4"))[0]
+    outcome = run_cli(["predict", onnx_file, video, "--playback-speed", 0.5, "--top-k", 3, "--json"])
+    assert outcome.exit_code == 0, outcome.output
+    data = json.loads(outcome.stdout)
+    assert data["playback_speed"] == 0.5
+    config = ClipConfig(clip_len=SAMPLE_SHAPE[2], size=SAMPLE_SHAPE[3:], playback_speed=0.5)
+    clip, _ = ClipDataset([VideoSource(video, -1)], ["video"], config)[0]
+    with torch.no_grad():
+        logits = load_converted(sample_dir).model(clip[None])[0]
+    top = sorted(range(3), key=lambda i: -float(logits[i]))
+    assert [t["index"] for t in data["top"]] == top
+    assert [t["logit"] for t in data["top"]] == pytest.approx([float(logits[i]) for i in top], abs=EXPORT_ATOL)
+    assert_one_error_line(run_cli(["predict", onnx_file, video, "--playback-speed", 0]), "--playback-speed")

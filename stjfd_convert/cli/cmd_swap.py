@@ -59,7 +59,7 @@ def swap(
     temporal_size: Optional[int] = typer.Option(None, "--temporal-size", help="interpolate each temporal atom to this many taps"),
     spatial_size: Optional[int] = typer.Option(None, "--spatial-size", help="interpolate each spatial atom to N×N taps"),
     normalization: str = typer.Option(
-        "integral", "--normalization", help="resized atoms keep their integral (integral) or their L2 norm (energy)"
+        "sum", "--normalization", help="resized atoms keep their mean tap (sum: taps × old/new) or their L2 norm (energy)"
     ),
     include: List[str] = typer.Option([], "--include", help="glob on layer names to swap (repeatable)"),
     exclude: List[str] = typer.Option([], "--exclude", help="glob on layer names to leave alone (repeatable)"),
