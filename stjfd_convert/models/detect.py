@@ -106,12 +106,17 @@ def _summarise(cmp: _Comparison) -> list[str]:
     if cmp.unexpected:
         parts.append(f"{len(cmp.unexpected)} unexpected ({_fmt_keys(cmp.unexpected)})")
     if cmp.mismatched:
-        shown = ", ".join(
-            f"{k}: checkpoint {_fmt_shape(c)} vs model {_fmt_shape(m)}" for k, c, m in cmp.mismatched[:2]
-        )
-        more = ", …" if len(cmp.mismatched) > 2 else ""
-        parts.append(f"{_plural(len(cmp.mismatched), 'shape mismatch', 'shape mismatches')} ({shown}{more})")
+        shown = _fmt_mismatches(cmp, 2, "{key}: checkpoint {checkpoint} vs model {model}")
+        parts.append(f"{_plural(len(cmp.mismatched), 'shape mismatch', 'shape mismatches')} ({shown})")
     return parts
+
+
+def _fmt_mismatches(cmp: _Comparison, limit: int, template: str) -> str:
+    """The first ``limit`` mis-shaped keys, each written with ``template`` ({key}, {checkpoint}, {model})."""
+    shown = ", ".join(
+        template.format(key=k, checkpoint=_fmt_shape(c), model=_fmt_shape(m)) for k, c, m in cmp.mismatched[:limit]
+    )
+    return shown + (", …" if len(cmp.mismatched) > limit else "")
 
 
 def detect_architecture(state_dict: Mapping[str, Any]) -> Detection:
@@ -190,9 +195,6 @@ def load_state_dict_into(
     if cmp.unexpected:
         problems.append(f"{_plural(len(cmp.unexpected), 'unexpected key')} ignored: {_fmt_keys(cmp.unexpected)}")
     if cmp.mismatched:
-        shown = ", ".join(
-            f"{k} (checkpoint {_fmt_shape(c)} vs model {_fmt_shape(m)})" for k, c, m in cmp.mismatched[:3]
-        )
-        more = ", …" if len(cmp.mismatched) > 3 else ""
-        problems.append(f"{_plural(len(cmp.mismatched), 'mis-shaped key')} skipped: {shown}{more}")
+        shown = _fmt_mismatches(cmp, 3, "{key} (checkpoint {checkpoint} vs model {model})")
+        problems.append(f"{_plural(len(cmp.mismatched), 'mis-shaped key')} skipped: {shown}")
     return problems
