@@ -288,8 +288,8 @@ def swap_atoms(model: nn.Module, config: SwapConfig) -> tuple[nn.Module, SwapRep
     if not report.swapped:
         name, reason = report.skipped[0]
         count = len(report.layers)
-        raise SwapError(f"nothing was swapped: {'the selected layer was' if count == 1 else f'all {count} selected layers were'} "
-                        f"skipped (first, {name}: {reason})",
+        which = "the selected layer was" if count == 1 else f"all {count} selected layers were"
+        raise SwapError(f"nothing was swapped: {which} skipped (first, {name}: {reason})",
                         "choose other sizes, or --include layers whose kernels allow the swap")
     return work, report
 
@@ -340,7 +340,7 @@ def _check_output_shape(
     except ConfigError as exc:
         raise SwapError(
             f"the swapped model cannot run the recorded {clip} clip: {exc.message}",
-            "reflect/replicate padding must stay smaller than the input: choose a smaller size, or --exclude that layer",
+            "reflect padding must stay smaller than the input: choose a smaller size, or --exclude that layer",
         ) from None
     if not isinstance(swapped, torch.Tensor) or not isinstance(reference, torch.Tensor):
         return None
@@ -396,7 +396,9 @@ def swap_folder(
     notes = []
     extra = {k: v for k, v in manifest.items() if k not in _REGENERATED and k != "plans"}
     if manifest.get("plans"):
-        notes.append(f"the stored execution plans were measured for the old atoms and are dropped: run `stjfd plan {output}`")
+        notes.append(
+            f"the stored execution plans were measured for the old atoms and are dropped: run `stjfd plan {output}`"
+        )
     extra["swaps"] = [*(manifest.get("swaps") or []), _swap_record(source, report, command)]
     old_source = manifest.get("source") or {}
     save_converted(

@@ -69,7 +69,9 @@ SWAPS = {
 SAMPLE_SHAPE = (1, 3, 8, 32, 32)
 
 
-def make_layer(geometry: dict[str, Any], dtype: torch.dtype = torch.float64, m_t: int = 2, m_s: int = 4) -> DecomposedConv3d:
+def make_layer(
+    geometry: dict[str, Any], dtype: torch.dtype = torch.float64, m_t: int = 2, m_s: int = 4
+) -> DecomposedConv3d:
     kernel = geometry["kernel_size"]
     kernel = (kernel,) * 3 if isinstance(kernel, int) else kernel
     return DecomposedConv3d(
@@ -123,7 +125,8 @@ def test_spatial_resampling_is_separable_bilinear() -> None:
     rows, cols = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
     atom = torch.outer(rows, cols).reshape(9, 1)
     resized = resample_spatial_atoms(atom, (3, 3), (5, 4))
-    expected = torch.outer(resample_temporal_atoms(rows[:, None], 5)[:, 0], resample_temporal_atoms(cols[:, None], 4)[:, 0])
+    expected = torch.outer(resample_temporal_atoms(rows[:, None], 5)[:, 0],
+                           resample_temporal_atoms(cols[:, None], 4)[:, 0])
     torch.testing.assert_close(resized.reshape(5, 4), expected, atol=ATOL_FP64, rtol=RTOL_FP64)
 
 
@@ -384,7 +387,8 @@ def test_a_swapped_folder_reloads_bit_identically_and_records_the_swap(sample_di
     manifest = reloaded.manifest
     (record,) = manifest["swaps"]
     assert record["temporal_dilation"] == 2 and record["from"] == str(sample_dir.resolve())
-    assert manifest["layers"]["stem.0"]["dilation"] == [2, 1, 1] and manifest["layers"]["stem.0"]["padding"] == [2, 3, 3]
+    stem = manifest["layers"]["stem.0"]
+    assert stem["dilation"] == [2, 1, 1] and stem["padding"] == [2, 3, 3]
     assert manifest["input"]["shape"] == list(SAMPLE_SHAPE)
     # A second swap appends its record; the source's conversion record is kept.
     again = swap_folder(result.output, tmp_path / "slow2x-t5", SwapConfig(temporal_size=5))
@@ -405,12 +409,40 @@ def test_cli_swap_then_plan_export_and_report_accept_the_folder(sample_dir: Path
     outcome = run_cli(["plan", out, "--repeats", 1, "--json"])
     assert outcome.exit_code == 0, outcome.output
     assert len(json.loads(outcome.stdout)["layers"]) == 7
+    # Plans measured for the old atoms do not travel with a swap.
+    again = run_cli(["swap", out, "--temporal-dilation", 2, "-o", tmp_path / "t5-d2", "--json"])
+    assert again.exit_code == 0, again.output
+    assert any("plans" in note and "stjfd plan" in note for note in json.loads(again.stdout)["notes"])
+    manifest = load_converted(tmp_path / "t5-d2").manifest
+    assert "plans" not in manifest and not any("plan" in entry for entry in manifest["layers"].values())
     outcome = run_cli(["report", out, "--input-shape", "2,3,8,32,32", "--json"])
     assert outcome.exit_code == 0, outcome.output
     pytest.importorskip("onnxruntime")
     outcome = run_cli(["export", out, "--onnx", tmp_path / "t5.onnx", "--runs", 0, "--json"])
     assert outcome.exit_code == 0, outcome.output
     assert json.loads(outcome.stdout)["validation"]["passed"] is True
+
+
+def test_cli_finetune_and_evaluate_accept_a_swapped_folder(sample_dir: Path, tmp_path: Path) -> None:
+    from videos import make_video_dataset
+
+    data = tmp_path / "data"
+    for split, seed in (("train", 0), ("val", 1)):
+        make_video_dataset(data / split, per_class=2, T=12, H=32, W=32, seed=seed)
+    slow2x = swap_folder(sample_dir, tmp_path / "slow2x", SwapConfig(temporal_dilation=2)).output
+    run = tmp_path / "run"
+    outcome = run_cli(["finetune", slow2x, data, "--clip-len", SAMPLE_SHAPE[2], "--size", SAMPLE_SHAPE[3],
+                       "--batch-size", 3, "--workers", 0, "--mean", "0,0,0", "--std", "1,1,1", "--device", "cpu",
+                       "-o", run, "--json"])
+    assert outcome.exit_code == 0, outcome.output
+    best = load_converted(run / "best")
+    assert best.manifest["layers"]["stem.0"]["dilation"] == [2, 1, 1]  # the swap survives training
+    outcome = run_cli(["evaluate", run / "best", data, "--playback-speed", 0.5, "--workers", 0, "--json"])
+    assert outcome.exit_code == 0, outcome.output
+    assert json.loads(outcome.stdout)["playback_speed"] == 0.5
+    # A run's best/ is a converted folder like any other: it swaps again (and its clip options travel).
+    again = swap_folder(run / "best", tmp_path / "best-t5", SwapConfig(temporal_size=5))
+    assert load_converted(again.output).manifest["finetune"]["clip"]["clip_len"] == SAMPLE_SHAPE[2]
 
 
 def test_cli_swap_human_output_names_skips(sample_dir: Path, tmp_path: Path) -> None:

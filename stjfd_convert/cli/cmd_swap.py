@@ -19,12 +19,13 @@ def _padding(value: Any) -> str:
 
 def _render_swap(result: Any) -> None:
     out = render.stdout
-    table = Table(title=f"atom swap: {escape(str(result.source))} → {escape(str(result.output))}", header_style="bold")
+    title = f"atom swap: {escape(str(result.source))} → {escape(str(result.output))}"
+    table = Table(title=title, header_style="bold")
     for column in ("layer", "kernel", "dilation", "padding", "swapped", "atom energy ×"):
         table.add_column(column, justify="right" if column == "atom energy ×" else "left")
     for layer in result.report.swapped:
-        energies = [f"{label} {value:.3f}" for label, value in (("Ψ", layer.temporal_energy), ("Φ", layer.spatial_energy))
-                    if value is not None]
+        pairs = (("Ψ", layer.temporal_energy), ("Φ", layer.spatial_energy))
+        energies = [f"{label} {value:.3f}" for label, value in pairs if value is not None]
         table.add_row(
             escape(layer.name),
             f"{'×'.join(map(str, layer.kernel_before))} → {'×'.join(map(str, layer.kernel_after))}",
@@ -56,10 +57,12 @@ def swap(
     temporal_dilation: Optional[int] = typer.Option(
         None, "--temporal-dilation", help="dilate the temporal atoms' conv by this factor (2: video played 2× slower)"
     ),
-    temporal_size: Optional[int] = typer.Option(None, "--temporal-size", help="interpolate each temporal atom to this many taps"),
+    temporal_size: Optional[int] = typer.Option(
+        None, "--temporal-size", help="interpolate each temporal atom to this many taps"
+    ),
     spatial_size: Optional[int] = typer.Option(None, "--spatial-size", help="interpolate each spatial atom to N×N taps"),
     normalization: str = typer.Option(
-        "sum", "--normalization", help="resized atoms keep their mean tap (sum: taps × old/new) or their L2 norm (energy)"
+        "sum", "--normalization", help="resized atoms keep their mean tap (sum: taps × L/n) or L2 norm (energy)"
     ),
     include: List[str] = typer.Option([], "--include", help="glob on layer names to swap (repeatable)"),
     exclude: List[str] = typer.Option([], "--exclude", help="glob on layer names to leave alone (repeatable)"),

@@ -12,15 +12,18 @@ Normalisation (``normalization``), because an atom with more taps sums more inpu
 - ``"sum"`` (default): the taps are multiplied by ``old/new``, so the mean tap is kept and with it the
   sum of a constant atom — the layer's response to a static clip, which BatchNorm statistics and the
   following layers were trained on. For smooth atoms the sum is kept approximately (3 → 5 taps: each
-  old tap's total weight becomes 0.9, 1.2, 0.9 of what it was). The squared L2 norm of an atom (its
-  energy) becomes about ``old/new`` of what it was: the same energy spread over more taps.
+  old tap's total weight becomes 0.9, 1.2, 0.9 of what it was). The squared L2 norm of the atoms (their
+  energy) shrinks to about ``old/new`` or a little less (0.48 for three orthonormal 3-tap atoms resized
+  to 5; ``LayerSwap.temporal_energy`` records it per layer): about the same energy spread over more taps.
 - ``"energy"``: each resized atom is rescaled to its original L2 norm (what HOSVD atoms, orthonormal,
   have): comparable atom by atom, but a 3 → 5 stretched atom then answers a static clip ~1.3× as strongly.
 
-Measured (``benchmarks/bench_tempo.py``, BENCHMARKS.md): keeping the trapezoid integral instead (taps ×
-``(old − 1)/(new − 1)``, ½ for 3 → 5) under-weights the end taps, and through seven layers with BatchNorm
-in eval mode the model falls to chance; ``old/new`` does not. Shrinking (``new < old``) does not
-low-pass first, so it aliases fast atoms; it is the blunt direction.
+Measured (``benchmarks/bench_tempo.py``, BENCHMARKS.md: 3 → 5 taps, a model read at half speed, seeds
+0/1/2): ``"sum"`` 70.8/71.7/35.8 % top-1, ``"energy"`` 39.2/43.3/48.3 %, no normalisation 30.8/31.7/47.5 %,
+the trapezoid integral (taps × ``(old − 1)/(new − 1)`` = ½, which under-weights the end taps)
+16.7/30.8/33.3 % (chance: 16.7 %). ``"sum"`` is the best on average, none is reliable without
+retraining. Shrinking (``new < old``) does not low-pass first, so it aliases fast atoms; it is the blunt
+direction.
 
 Shapes: temporal atoms ``[L, m_t]`` → ``[n, m_t]``; spatial atoms ``[Kh·Kw, m_s]`` (row-major ``h·Kw + w``)
 → ``[nh·nw, m_s]``.
