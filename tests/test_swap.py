@@ -130,6 +130,15 @@ def test_spatial_resampling_is_separable_bilinear() -> None:
     torch.testing.assert_close(resized.reshape(5, 4), expected, atol=ATOL_FP64, rtol=RTOL_FP64)
 
 
+def test_resampling_stays_on_the_atoms_device() -> None:
+    # The interpolation matrices are built on the CPU; a GPU model's atoms must not meet them there.
+    # (The meta device stands in for CUDA on machines without one.)
+    temporal = resample_temporal_atoms(torch.empty(3, 2, device="meta"), 5)
+    spatial = resample_spatial_atoms(torch.empty(9, 4, device="meta"), (3, 3), (5, 5), "energy")
+    assert (temporal.device.type, tuple(temporal.shape)) == ("meta", (5, 2))
+    assert (spatial.device.type, tuple(spatial.shape)) == ("meta", (25, 4))
+
+
 def test_a_one_tap_atom_has_no_shape_to_interpolate() -> None:
     with pytest.raises(ValueError, match="1-tap"):
         interpolation_matrix(1, 3)

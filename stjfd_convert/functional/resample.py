@@ -85,7 +85,7 @@ def resample_temporal_atoms(atoms: Tensor, size: int, normalization: str = "sum"
     length = atoms.shape[0]
     if size == length:
         return atoms.detach().clone()
-    resized = interpolation_matrix(length, size) @ atoms.detach().double()
+    resized = interpolation_matrix(length, size).to(atoms.device) @ atoms.detach().double()
     return _normalized(resized, atoms.detach().double(), resize_gain(length, size), normalization).to(atoms.dtype)
 
 
@@ -101,7 +101,7 @@ def resample_spatial_atoms(
     nh, nw = (int(n) for n in size)
     if (nh, nw) == (kh, kw):
         return atoms.detach().clone()
-    matrix = torch.kron(interpolation_matrix(kh, nh), interpolation_matrix(kw, nw))
+    matrix = torch.kron(interpolation_matrix(kh, nh), interpolation_matrix(kw, nw)).to(atoms.device)
     resized = matrix @ atoms.detach().double()
     gain = resize_gain(kh, nh) * resize_gain(kw, nw)
     return _normalized(resized, atoms.detach().double(), gain, normalization).to(atoms.dtype)
