@@ -64,14 +64,11 @@ def finetune(
     )
 
 
-def _train(make: Callable[[_Dist], _Trainer], config: FinetuneConfig, note: str | None = None) -> FinetuneResult:
+def _train(make: Callable[[_Dist], _Trainer], config: FinetuneConfig) -> FinetuneResult:
     """Initialise the process group (torchrun), build the trainer, run it; tear down what we set up."""
     dist = _init_distributed(config.device)
     try:
-        trainer = make(dist)
-        if note:
-            trainer.notes.append(note)
-        return trainer.run()
+        return make(dist).run()
     finally:
         if dist.created:
             import torch.distributed as torch_dist
