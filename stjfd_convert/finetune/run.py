@@ -21,7 +21,9 @@ from .config import FinetuneConfig
 from .distributed import _Dist, _init_distributed
 from .events import Callback
 from .losses import LossFn
-from .results import FinetuneResult
+from .results import FinetuneResult, StageSummary
+from .run_folder import saved_entries
+from .schedule import stage_plan
 from .surgery import adapt_classifier
 from .trainer import _Trainer
 
@@ -64,6 +66,20 @@ def finetune(
     )
 
 
+def _finished(run_dir: Path, config: FinetuneConfig, state: Mapping[str, Any]) -> FinetuneResult:
+    """The result of resuming a run that had finished: what its training state records; no file touched."""
+    best = state.get("best") or {}
+    stages = [StageSummary.from_dict(v) for _, v in sorted((int(k), v) for k, v in (state.get("stages") or {}).items())]
+    return FinetuneResult(
+        run_dir=run_dir, config=config, classes=list(state.get("classes") or []), stages=stages,
+        epochs=list(state.get("history") or []), best_top1=best.get("top1"), best_epoch=best.get("epoch"), final=None,
+        skipped=[tuple(s) for s in state.get("skipped") or []], world_size=int(state.get("world_size", 1)),
+        device="none", steps=int(state["position"]["step"]), seconds=0.0,
+        notes=["the run had already finished: nothing was trained and no file was changed"], changed=False,
+        saved=saved_entries(run_dir),
+    )
+
+
 def _train(make: Callable[[_Dist], _Trainer], config: FinetuneConfig) -> FinetuneResult:
     """Initialise the process group (torchrun), build the trainer, run it; tear down what we set up."""
     dist = _init_distributed(config.device)
@@ -103,7 +119,7 @@ def resume(
     was never interrupted. Only ``workers`` and ``plot`` may differ from the original run (neither changes
     the results: clips are seeded per sample).
     """
-    from ..saved_model import load_converted
+    from ..saved_model import check_builder_trusted, load_converted, read_manifest
 
     run_dir = Path(run_dir)
     info = read_run_config(run_dir)
@@ -113,11 +129,19 @@ def resume(
         config = replace(config, workers=workers)
     if plot is not None:
         config = replace(config, plot=plot)
+    if int(state["position"]["stage"]) >= len(stage_plan(config)):
+        # Nothing to do, so no data or model is loaded; the folder's builder is still held to the trust rule.
+        spec = ArchSpec.from_dict(read_manifest(run_dir / LAST_DIR)["architecture"])
+        check_builder_trusted(spec, trust_code=trust_code, model=model, directory=run_dir / LAST_DIR)
+        return _finished(run_dir, config, state)
     loaded = load_converted(run_dir / LAST_DIR, trust_pickle=trust_pickle, trust_code=trust_code, model=model)
     if train_dataset is None:
         data = info.get("data")
         if not data:
-            raise ResumeError(f"{run_dir}/{CONFIG_FILE} records no dataset", "pass the datasets to resume()")
+            raise ResumeError(
+                f"{run_dir}/{CONFIG_FILE} records no dataset: the run was started from Python with its own datasets",
+                "resume it from Python: stjfd_convert.finetune.resume(run_dir, train_dataset, val_dataset)",
+            )
         train_dataset, val_dataset, _ = _build_data(data, data_root, config.seed, progress)
     classes = list(state.get("classes") or info.get("classes") or [])
     train_classes = list(getattr(train_dataset, "classes", []) or [])

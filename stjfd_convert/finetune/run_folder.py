@@ -250,10 +250,7 @@ class _RunFolder:
             staging.write_text("".join(json.dumps(r, default=_json_default) + "\n" for r in keep), encoding="utf-8")
 
     def _saved_entries(self) -> list[str]:
-        if self.run_dir is None:
-            return []
-        names = [f"{LAST_DIR}/", f"{BEST_DIR}/", METRICS_FILE, CONFIG_FILE, LOG_FILE, CURVE_FILE]
-        return [name for name in names if (self.run_dir / name.rstrip("/")).exists()]
+        return saved_entries(self.run_dir) if self.run_dir is not None else []
 
     def _remove_empty_run(self) -> None:
         """A run that fails before its first checkpoint leaves nothing: its folder is removed, so the
@@ -280,3 +277,9 @@ class _RunFolder:
         if target is not None:
             message += f"; saved {target} — resume with: stjfd finetune {self.run_dir} --resume"
         raise TrainingInterrupted(message, target, self.position.to_dict(), reason)
+
+
+def saved_entries(run_dir: Path) -> list[str]:
+    """What a run folder holds, in the order the CLI lists it: ``last/``, ``best/``, metrics.jsonl…"""
+    names = [f"{LAST_DIR}/", f"{BEST_DIR}/", METRICS_FILE, CONFIG_FILE, LOG_FILE, CURVE_FILE]
+    return [name for name in names if (run_dir / name.rstrip("/")).exists()]
