@@ -11,6 +11,7 @@ from rich.table import Table
 
 from . import render
 from .app import app, guarded
+from .options import ArchOption, JsonOption, ModelKwargsOption, ModelOption, TrustCodeOption, TrustPickleOption
 
 
 def _mb(n_bytes: int) -> str:
@@ -140,13 +141,13 @@ def export(
     threads: Optional[int] = typer.Option(None, "--threads", help="onnxruntime intra-op threads (default: its own)"),
     mean: Optional[str] = typer.Option(None, "--mean", help="input mean per channel to record, e.g. 0.45,0.45,0.45"),
     std: Optional[str] = typer.Option(None, "--std", help="input std per channel to record"),
-    arch: Optional[str] = typer.Option(None, help="torchvision video model of a checkpoint (r3d_18, …)"),
-    model: Optional[str] = typer.Option(None, "--model", help="user architecture of a checkpoint, module:callable"),
-    model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="JSON object of constructor kwargs"),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow checkpoints holding pickled objects"),
-    trust_code: bool = typer.Option(False, "--trust-code", help="allow the model builder a folder's manifest names"),
+    arch: ArchOption = None,
+    model: ModelOption = None,
+    model_kwargs: ModelKwargsOption = None,
+    trust_pickle: TrustPickleOption = False,
+    trust_code: TrustCodeOption = False,
     force: bool = typer.Option(False, "--force", help="replace an existing ONNX file stjfd exported (never another file)"),
-    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    as_json: JsonOption = False,
 ) -> None:
     """Export a model to ONNX and verify it: onnx.checker, onnxruntime vs PyTorch, size and latency."""
     from ..export import ExportValidationError, export_onnx
@@ -221,7 +222,7 @@ def predict(
     playback_speed: float = typer.Option(
         1.0, "--playback-speed", help="resample the clip's frames: 0.5 = video slowed 2×, 2 = sped up 2×"
     ),
-    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    as_json: JsonOption = False,
 ) -> None:
     """Classify the centre clip of a video with an exported ONNX model (onnxruntime, CPU)."""
     from ..export import predict as run_predict

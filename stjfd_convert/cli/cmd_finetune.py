@@ -21,6 +21,7 @@ from rich.table import Table
 from ..errors import ConfigError
 from . import render
 from .app import EXIT_INTERRUPTED, EXIT_TERMINATED, app, command_line, guarded
+from .options import ArchOption, JsonOption, ModelKwargsOption, ModelOption, TrustCodeOption, TrustPickleOption
 
 MIB = 2**20
 
@@ -312,12 +313,12 @@ def finetune(
         None, "--log-every", help="optimizer steps per metrics.jsonl step record (default 10)"
     ),
     no_plot: bool = typer.Option(False, "--no-plot", help="do not draw training_curve.png"),
-    arch: Optional[str] = typer.Option(None, help="torchvision architecture of a checkpoint (plain model)"),
-    model: Optional[str] = typer.Option(None, "--model", help="user architecture of a checkpoint, module:callable"),
-    model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="JSON object of constructor kwargs"),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow pickled architectures/checkpoints"),
-    trust_code: bool = typer.Option(False, "--trust-code", help="allow the model builder a folder's manifest names"),
-    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    arch: ArchOption = None,
+    model: ModelOption = None,
+    model_kwargs: ModelKwargsOption = None,
+    trust_pickle: TrustPickleOption = False,
+    trust_code: TrustCodeOption = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Fine-tune with the paper's alternating schedule: temporal stage (frames downsampled by s, spatial atoms
     frozen) → spatial stage (clips downsampled by r, temporal atoms frozen), BN re-estimation and evaluation
@@ -414,12 +415,12 @@ def evaluate(
     workers: int = typer.Option(2, "--workers", min=0),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     amp: bool = typer.Option(False, "--amp", help="mixed precision"),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle"),
-    trust_code: bool = typer.Option(False, "--trust-code", help="allow the model builder the folder's manifest names"),
+    trust_pickle: TrustPickleOption = False,
+    trust_code: TrustCodeOption = False,
     playback_speed: float = typer.Option(
         1.0, "--playback-speed", help="resample each clip's frames: 0.5 = videos slowed 2×, 2 = sped up 2×"
     ),
-    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    as_json: JsonOption = False,
 ) -> None:
     """Accuracy (top-1/top-5), loss, per-class accuracy and confusion matrix at full resolution."""
     from ..finetune import evaluate_folder

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from . import render
 from .app import app, guarded
+from .options import TrustCodeOption
 
 
 @app.command()
@@ -22,7 +23,7 @@ def plan(
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
     repeats: int = typer.Option(5, "--repeats", min=1, help="timed runs per form and layer (median)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="measure and show, do not write the manifest"),
-    trust_code: bool = typer.Option(False, "--trust-code", help="allow the model builder the folder's manifest names"),
+    trust_code: TrustCodeOption = False,
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
 ) -> None:
     """Time fused / factorized / sandwich / spatial_first / temporal_first per layer; keep the fastest."""

@@ -14,6 +14,7 @@ from ..config import ConvertConfig
 from ..errors import ConfigError
 from . import render
 from .app import app, guarded
+from .options import ArchOption, ModelKwargsOption, ModelOption, NonStrictOption, TrustCodeOption, TrustPickleOption
 
 MIB = 2**20
 
@@ -188,14 +189,14 @@ def report(
     source: Optional[Path] = typer.Argument(
         None, help="converted folder (from `stjfd convert`) or checkpoint; omit with --arch for fresh weights"
     ),
-    arch: Optional[str] = typer.Option(None, help="torchvision video model of a checkpoint (r3d_18, …)"),
-    model: Optional[str] = typer.Option(None, "--model", help="user architecture, module:callable or file.py:callable"),
-    model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="JSON object of constructor kwargs"),
+    arch: ArchOption = None,
+    model: ModelOption = None,
+    model_kwargs: ModelKwargsOption = None,
     atoms: Optional[int] = typer.Option(None, "--atoms", help="checkpoint input: spatial atoms per layer (default 6)"),
     temporal_atoms: Optional[int] = typer.Option(None, "--temporal-atoms", help="checkpoint input: temporal atoms"),
     mode: Optional[str] = typer.Option(None, "--mode", help="execution mode of the decomposed layers to report"),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow checkpoints holding pickled objects"),
-    non_strict: bool = typer.Option(False, "--non-strict", help="load what matches, report the rest"),
+    trust_pickle: TrustPickleOption = False,
+    non_strict: NonStrictOption = False,
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="B,C,T,H,W, e.g. 2,3,16,112,112"),
     spatial_downsample: int = typer.Option(2, "--spatial-downsample", "-s", help="temporal stage: frames H/s × W/s"),
     temporal_downsample: int = typer.Option(2, "--temporal-downsample", "-r", help="spatial stage: T/r frames"),
@@ -208,18 +209,23 @@ def report(
     markdown_file: Optional[Path] = typer.Option(None, "--markdown", help="also write the report as Markdown"),
     plot_file: Optional[Path] = typer.Option(None, "--plot", help="also write a PNG (parameters, memory vs clip)"),
     force: bool = typer.Option(False, "--force", help="replace --markdown/--plot files stjfd wrote (never other files)"),
-    trust_code: bool = typer.Option(False, "--trust-code", help="allow the model builder a folder's manifest names"),
+    trust_code: TrustCodeOption = False,
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
     """Measured savings: parameters, MACs, inference and training memory, and what fits in a budget."""
     import torch
 
     from ..atomic import check_output
-    from ..models import model_source_paths
     from ..layers import MODES, DecomposedConv3d
-    from ..models import parse_model_kwargs
+    from ..models import model_source_paths, parse_model_kwargs
     from ..parity import parse_shape
-    from ..report import load_report_input, memory_report, parse_bytes, write_markdown, write_plot
+    from ..report import (
+        load_report_input,
+        memory_report,
+        parse_bytes,
+        write_markdown,
+        write_plot,
+    )
 
     budget = parse_bytes(memory_budget) if memory_budget is not None else None
     shape = parse_shape(input_shape) if input_shape else None

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from . import render
 from .app import app, command_line, guarded
+from .options import JsonOption, ModelOption, TrustCodeOption, TrustPickleOption
 
 
 def _padding(value: Any) -> str:
@@ -68,10 +69,10 @@ def swap(
     exclude: List[str] = typer.Option([], "--exclude", help="glob on layer names to leave alone (repeatable)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="output folder (a new converted folder)"),
     force: bool = typer.Option(False, "--force", help="replace an existing converted folder (never anything else)"),
-    trust_code: bool = typer.Option(False, "--trust-code", help="allow the model builder the folder's manifest names"),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow a pickled architecture (model.pt)"),
-    model: Optional[str] = typer.Option(None, "--model", help="the builder the folder was saved with, module:callable"),
-    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    trust_code: TrustCodeOption = False,
+    trust_pickle: TrustPickleOption = False,
+    model: ModelOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Replace each decomposed layer's atoms by dilated or resized ones; the coefficients stay as trained."""
     from ..config import SwapConfig

@@ -12,6 +12,8 @@ from rich.markup import escape
 from ..config import ConvertConfig
 from . import render
 from .app import app, command_line, guarded
+from .options import ArchOption, JsonOption, ModelKwargsOption, ModelOption, NonStrictOption, TrustPickleOption
+
 
 def _render_convert(result: Any, as_json: bool) -> None:
     if as_json:
@@ -45,16 +47,16 @@ def convert(
     exclude: List[str] = typer.Option([], "--exclude", help="glob on module names to leave dense (repeatable)"),
     method: str = typer.Option("hooi", help="hooi | hosvd | tensorly (reference)"),
     mode: str = typer.Option("auto", help="execution mode saved with the model: auto | fused | factorized | sandwich | spatial_first | temporal_first"),
-    arch: Optional[str] = typer.Option(None, help="torchvision video model (r3d_18, mc3_18, r2plus1d_18, s3d, …)"),
-    model: Optional[str] = typer.Option(None, "--model", help="user architecture, module:callable or file.py:callable"),
-    model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs", help="JSON object of constructor kwargs"),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow checkpoints holding pickled objects"),
-    non_strict: bool = typer.Option(False, "--non-strict", help="load what matches, report the rest"),
+    arch: ArchOption = None,
+    model: ModelOption = None,
+    model_kwargs: ModelKwargsOption = None,
+    trust_pickle: TrustPickleOption = False,
+    non_strict: NonStrictOption = False,
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="parity clip shape, e.g. 1,3,16,112,112"),
     input_dtype: str = typer.Option("float32", "--input-dtype", help="parity clip dtype (e.g. uint8)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="output folder (default <stem>-stjfd/)"),
     force: bool = typer.Option(False, "--force", help="replace an existing converted folder (never anything else)"),
-    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    as_json: JsonOption = False,
 ) -> None:
     """Factorise every Conv3d of a model into temporal atoms, spatial atoms and joint coefficients."""
     from ..models import parse_model_kwargs
@@ -102,7 +104,7 @@ def demo(
     ),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="keep the converted model and run here"),
     force: bool = typer.Option(False, "--force", help="replace an earlier demo's outputs in -o"),
-    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    as_json: JsonOption = False,
 ) -> None:
     """Convert the bundled sample model, compare accuracy, fine-tune briefly and reload (CPU, < 1 min)."""
     from ..workflows import demo as run_demo

@@ -99,15 +99,29 @@ def _plural(n: int, word: str, plural: str | None = None) -> str:
     return f"{n} {word if n == 1 else (plural or word + 's')}"
 
 
-def _summarise(cmp: _Comparison) -> list[str]:
+def _describe(cmp: _Comparison, *, loading: bool = False) -> list[str]:
+    """One phrase per kind of difference: short for a detection summary, with consequences when ``loading``."""
     parts = []
     if cmp.missing:
-        parts.append(f"{_plural(len(cmp.missing), 'missing key')} ({_fmt_keys(cmp.missing)})")
+        keys = _fmt_keys(cmp.missing)
+        count = _plural(len(cmp.missing), "key" if loading else "missing key")
+        parts.append(
+            f"{count} missing from the checkpoint, left at initial values: {keys}" if loading else f"{count} ({keys})"
+        )
     if cmp.unexpected:
-        parts.append(f"{len(cmp.unexpected)} unexpected ({_fmt_keys(cmp.unexpected)})")
+        keys = _fmt_keys(cmp.unexpected)
+        parts.append(
+            f"{_plural(len(cmp.unexpected), 'unexpected key')} ignored: {keys}"
+            if loading
+            else f"{len(cmp.unexpected)} unexpected ({keys})"
+        )
     if cmp.mismatched:
-        shown = _fmt_mismatches(cmp, 2, "{key}: checkpoint {checkpoint} vs model {model}")
-        parts.append(f"{_plural(len(cmp.mismatched), 'shape mismatch', 'shape mismatches')} ({shown})")
+        if loading:
+            shown = _fmt_mismatches(cmp, 3, "{key} (checkpoint {checkpoint} vs model {model})")
+            parts.append(f"{_plural(len(cmp.mismatched), 'mis-shaped key')} skipped: {shown}")
+        else:
+            shown = _fmt_mismatches(cmp, 2, "{key}: checkpoint {checkpoint} vs model {model}")
+            parts.append(f"{_plural(len(cmp.mismatched), 'shape mismatch', 'shape mismatches')} ({shown})")
     return parts
 
 
@@ -142,7 +156,7 @@ def detect_architecture(state_dict: Mapping[str, Any]) -> Detection:
     if not exact:
         top = ", ".join(f"{name} {score:.0%}" for name, score in candidates[:3])
         best_name, _n, best = results[0]
-        detail = "; ".join(_summarise(best))
+        detail = "; ".join(_describe(best))
         raise ArchitectureError(
             f"cannot detect the architecture: no torchvision video model matches the checkpoint's "
             f"{len(signature)} keys (closest: {top}; {best_name}: {detail})",
@@ -171,7 +185,7 @@ def load_state_dict_into(
     label = name or type(model).__name__
     model_sd = model.state_dict()
     cmp = _compare(_shape_signature(state_dict), _shape_signature(model_sd))
-    parts = _summarise(cmp)
+    parts = _describe(cmp)
     if parts and strict:
         raise StateDictMismatchError(
             f"checkpoint does not match {label}: {', '.join(parts)}",
@@ -186,15 +200,4 @@ def load_state_dict_into(
             f"checkpoint does not load into {label}: {_short(exc)}",
             hint="pick the right --arch/--model",
         ) from None
-    problems: list[str] = []
-    if cmp.missing:
-        problems.append(
-            f"{_plural(len(cmp.missing), 'key')} missing from the checkpoint, left at initial values: "
-            f"{_fmt_keys(cmp.missing)}"
-        )
-    if cmp.unexpected:
-        problems.append(f"{_plural(len(cmp.unexpected), 'unexpected key')} ignored: {_fmt_keys(cmp.unexpected)}")
-    if cmp.mismatched:
-        shown = _fmt_mismatches(cmp, 3, "{key} (checkpoint {checkpoint} vs model {model})")
-        problems.append(f"{_plural(len(cmp.mismatched), 'mis-shaped key')} skipped: {shown}")
-    return problems
+    return _describe(cmp, loading=True)
