@@ -231,6 +231,9 @@ def convert_model(
 
     The input model is left untouched. 1×1×1 convs, layers excluded by ``include``/``exclude`` and
     layers whose atoms would not save parameters stay dense, with the reason in the report.
+
+    Long because each layer passes through one sequence (select, rank, decompose, check, replace,
+    record) whose steps feed the same report row; the steps themselves live in decompose/ and planner.
     """
     config = config or ConvertConfig()
     start = time.perf_counter()

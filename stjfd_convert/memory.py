@@ -218,6 +218,10 @@ def measure_training_step(
     saved tensors, gradients and optimizer state; then ``steps`` plain steps are timed (the median
     is reported; on CUDA the first of them also gives ``max_memory_allocated``). ``model`` is
     left untouched.
+
+    One function because every figure comes from the same instrumented step: the saved-tensor hooks,
+    the parameter, gradient and optimizer byte counts and the timing must see exactly one forward and
+    backward, set up and torn down together.
     """
     device = _resolve_device(device)
     if optimizer not in OPTIMIZERS:
@@ -466,6 +470,9 @@ def search_max_size(
     3. the line's answer is measured together with one step above; when either disagrees the
        search gallops/bisects on measurements until a fitting size sits next to a failing one.
     Out-of-memory failures count as over budget.
+
+    One function because the predicted start, the gallop and the bisection share one cache of
+    measurements, whose samples and verification the returned SizeSearch reports.
     """
     measured: dict[int, int | None] = {}  # None: out of memory
 

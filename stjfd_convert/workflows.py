@@ -289,6 +289,9 @@ def demo(
     ``directory/finetune``) and measures it again. Everything runs on the CPU and is seeded by ``seed``.
     ``callbacks`` receive the fine-tuning events. An existing ``directory`` is filled only if it is
     empty, or with ``force`` if it holds nothing but an earlier demo's outputs.
+
+    Long on purpose: it is the tutorial — one straight sequence of library calls (convert, evaluate,
+    fine-tune, reload) that a reader follows top to bottom; splitting it would hide the story.
     """
     from .finetune import FinetuneConfig, evaluate, finetune
     from .sample import SampleClips, sample_model_files, split_seed

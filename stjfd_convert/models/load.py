@@ -79,6 +79,9 @@ def load_model(
     ``file.py:attr``); with neither, the architecture is detected from the checkpoint. ``path``
     may be None only with ``arch``/``model`` (a freshly initialised model). A checkpoint holding a
     whole pickled model (``trust_pickle``) is used as is unless ``arch``/``model`` is given.
+
+    One function because the branches share their checks and messages: which loader was used decides
+    the hint every later error gives, and splitting it repeated that bookkeeping in each part.
     """
     if arch is not None and model is not None:
         raise ConfigError("--arch and --model cannot be used together", hint="pass only one of them")
