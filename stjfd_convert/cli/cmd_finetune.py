@@ -16,12 +16,12 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
 
 from ..errors import ConfigError
 from . import render
 from .app import EXIT_INTERRUPTED, EXIT_TERMINATED, app, command_line, guarded
 from .options import ArchOption, JsonOption, ModelKwargsOption, ModelOption, TrustCodeOption, TrustPickleOption
+from .render import FitTable as Table  # wraps rather than cuts on a narrow terminal
 
 MIB = 2**20
 

@@ -7,11 +7,11 @@ from typing import Optional
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from . import render
 from .app import app, guarded
 from .options import TrustCodeOption
+from .render import FitTable as Table  # wraps rather than cuts on a narrow terminal
 
 
 @app.command()

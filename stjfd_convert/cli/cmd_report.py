@@ -8,13 +8,13 @@ from typing import Any, Callable, Iterator, Optional
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from ..config import ConvertConfig
 from ..errors import ConfigError
 from . import render
 from .app import app, guarded
 from .options import ArchOption, ModelKwargsOption, ModelOption, NonStrictOption, TrustCodeOption, TrustPickleOption
+from .render import FitTable as Table  # wraps rather than cuts on a narrow terminal
 
 MIB = 2**20
 

@@ -7,11 +7,11 @@ from typing import Any, List, Optional
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from . import render
 from .app import app, command_line, guarded
 from .options import JsonOption, ModelOption, TrustCodeOption, TrustPickleOption
+from .render import FitTable as Table  # wraps rather than cuts on a narrow terminal
 
 
 def _padding(value: Any) -> str:

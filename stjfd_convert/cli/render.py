@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import sys
 from typing import TYPE_CHECKING, Any, Iterator
 
-from rich.console import Console
+from rich import box
+from rich.console import Console, ConsoleOptions, RenderResult
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -20,6 +22,59 @@ if TYPE_CHECKING:  # torch is imported only by the commands that need it, so `st
 # soft_wrap keeps an error on one line whatever the terminal width.
 stdout = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
 stderr = Console(stderr=True, soft_wrap=True)
+
+
+class FitTable(Table):
+    """A rich Table that stays readable on a narrow terminal and never cuts a name or a number.
+
+    Wide enough, it is drawn as usual. Too wide, it drops its borders and padding (columns one space apart) and
+    wraps its columns at spaces, each at least as wide as its longest word — or its ``min_width`` when set, below
+    which plain text (a skip reason) may fold — while ``no_wrap`` columns keep their full width. If even that
+    does not fit, every row becomes a small block of ``column  value`` lines. Cells fold, never end in '…'.
+    """
+
+    def add_column(self, *args: Any, overflow: Any = "fold", **kwargs: Any) -> None:
+        super().add_column(*args, overflow=overflow, **kwargs)
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = options.max_width
+        wide = options.update_width(10_000)
+        natural = sum(self._measure_column(console, wide, c).maximum for c in self.columns) + self._extra_width
+        if self.box is None or natural <= width:
+            yield from super().__rich_console__(console, options)
+            return
+        compact = copy.copy(self)
+        compact.columns = [copy.copy(c) for c in self.columns]
+        compact.box, compact.show_edge, compact.padding, compact.pad_edge = box.SIMPLE_HEAD, False, (0, 0), False
+        ranges = [compact._measure_column(console, wide, c) for c in compact.columns]
+        need = [
+            r.maximum if c.no_wrap else (c.min_width if c.min_width is not None else r.minimum)
+            for c, r in zip(compact.columns, ranges)
+        ]
+        spare = width - compact._extra_width - sum(need)
+        if spare < 0:
+            yield from Table.__rich_console__(self._records(), console, options)
+            return
+        deficit = [r.maximum - n for r, n in zip(ranges, need)]
+        for index in sorted(range(len(need)), key=deficit.__getitem__):  # whole columns on one line first
+            grant = min(deficit[index], spare)
+            need[index] += grant
+            spare -= grant
+        for column, size in zip(compact.columns, need):
+            column.width = size
+        yield from Table.__rich_console__(compact, console, options)
+
+    def _records(self) -> Table:
+        """One ``column  value`` block per row, for terminals too narrow for the columns side by side."""
+        records = Table(title=self.title, box=None, show_header=False, padding=(0, 1), pad_edge=False)
+        records.add_column(style="bold", overflow="fold")
+        records.add_column(overflow="fold")
+        for index in range(self.row_count):
+            if index:
+                records.add_row("", "")
+            for column in self.columns:
+                records.add_row(column.header, list(column.cells)[index])
+        return records
 
 
 def error_line(message: str) -> None:
@@ -68,13 +123,12 @@ def layer_progress(enabled: bool, description: str = "decomposing") -> Iterator[
 
 def conversion_table(report: ConversionReport) -> Table:
     """One row per Conv3d plus a totals row."""
-    table = Table(title="Conv3d layers", header_style="bold", show_lines=False)
-    table.add_column("layer")
-    table.add_column("kernel")
-    table.add_column("c_in→c_out")
-    table.add_column("atoms m_t×m_s")
+    table = FitTable(title="Conv3d layers", header_style="bold", show_lines=False)
+    table.add_column("layer", no_wrap=True)
+    table.add_column("kernel, channels")
+    table.add_column("atoms m_t×m_s", min_width=len("m_t×m_s"))  # a skip reason may fold below that
     table.add_column("params before → after", justify="right")
-    table.add_column("ratio", justify="right")
+    table.add_column("ratio", justify="right", no_wrap=True)
     table.add_column("rel. error", justify="right")
     table.add_column("runs as")
     for layer in report.layers:
@@ -82,14 +136,13 @@ def conversion_table(report: ConversionReport) -> Table:
         channels = f"{layer.in_channels}→{layer.out_channels}" + (f" g{layer.groups}" if layer.groups > 1 else "")
         if layer.skipped:
             table.add_row(
-                escape(layer.name), kernel, channels, f"[dim]skipped: {escape(layer.skipped)}[/]",
+                escape(layer.name), f"{kernel} {channels}", f"[dim]skipped: {escape(layer.skipped)}[/]",
                 _params(layer.params_before), "", "", "dense",
             )
         else:
             table.add_row(
                 escape(layer.name),
-                kernel,
-                channels,
+                f"{kernel} {channels}",
                 f"{layer.temporal_atoms}×{layer.spatial_atoms}",
                 f"{_params(layer.params_before)} → {_params(layer.params_after)}",
                 f"{layer.ratio:.3f}",
@@ -105,6 +158,7 @@ def totals_lines(report: ConversionReport) -> list[str]:
         f"[bold]model[/]: {_params(report.params_before)} → {_params(report.params_after)} parameters "
         f"({report.ratio:.3f}×), {_mb(report.bytes_before)} → {_mb(report.bytes_after)}; "
         f"{decomposed} of {len(report.layers)} Conv3d decomposed in {report.seconds:.2f} s",
+        f"[dim]atoms can touch {report.touchable_share:.0%} of the parameters (Conv3d kernels larger than 1×1×1)[/]",
     ]
 
 

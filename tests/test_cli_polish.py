@@ -1,0 +1,112 @@
+"""Rough edges of the command line (issue #15 item 7): narrow terminals, help text, file modes, size notes,
+closed pipes, progress of ``plan``."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from rich.console import Console
+
+from stjfd_convert.cli import cmd_finetune, cmd_report, render
+from stjfd_convert.config import ConvertConfig
+from stjfd_convert.convert import ConversionReport, LayerReport
+
+TERMINAL = 80  # the width every table must stay readable at
+
+# r3d_18's Conv3d names (the longest, a skipped 1×1×1 downsample, included) and numbers of its size.
+R3D_LAYERS = [
+    ("stem.0", (3, 7, 7), 3, 64, 28_224, 3_759, 9.04e-01, "spatial_first"),
+    ("layer1.0.conv1.0", (3, 3, 3), 64, 64, 110_592, 73_791, 5.67e-01, "temporal_first"),
+    ("layer3.0.conv2.0", (3, 3, 3), 256, 256, 1_769_472, 1_179_711, 5.75e-01, "sandwich"),
+    ("layer4.0.downsample.0", (1, 1, 1), 256, 512, 131_072, 131_072, None, None),
+    ("layer4.1.conv2.0", (3, 3, 3), 512, 512, 7_077_888, 4_718_655, 5.81e-01, "factorized"),
+]
+
+
+def _rendered(table, width: int = TERMINAL) -> str:
+    console = Console(width=width, record=True, color_system=None, file=open("/dev/null", "w"))  # noqa: SIM115
+    console.print(table)
+    console.file.close()
+    return console.export_text()
+
+
+def _assert_readable(text: str, tokens: list[str], width: int = TERMINAL) -> None:
+    assert "…" not in text, text
+    assert max(len(line) for line in text.splitlines()) <= width, text
+    missing = [token for token in tokens if token not in text]
+    assert not missing, f"cut or folded: {missing}\n{text}"
+
+
+def _r3d_report() -> ConversionReport:
+    layers = []
+    for name, kernel, c_in, c_out, before, after, error, form in R3D_LAYERS:
+        layer = LayerReport(name, kernel, c_in, c_out, 1, (1, 1, 1), before, after, form=form)
+        if error is None:
+            layer.skipped = "1×1×1 kernel: nothing to decompose"
+        else:
+            layer.temporal_atoms, layer.spatial_atoms, layer.rel_error = 3, 6, error
+        layers.append(layer)
+    return ConversionReport(layers, 1, 1, 1, 1, 0.0, ConvertConfig())
+
+
+def test_conversion_table_keeps_every_layer_name_and_number_whole_at_80_columns() -> None:
+    report = _r3d_report()
+    tokens = []
+    for layer in report.layers:
+        tokens += [layer.name, f"{layer.params_before:,}"]
+        if layer.decomposed:
+            tokens += [f"{layer.params_after:,}", f"{layer.ratio:.3f}", f"{layer.rel_error:.2e}", layer.form]
+    text = _rendered(render.conversion_table(report))
+    _assert_readable(text, tokens)
+    # Side by side still (not one block per row): each decomposed layer's name shares a line with its error.
+    for layer in report.decomposed:
+        assert any(layer.name in line and f"{layer.rel_error:.2e}" in line for line in text.splitlines()), text
+
+
+def test_fit_table_is_unchanged_when_it_fits_and_becomes_blocks_when_columns_cannot_fit() -> None:
+    table = render.FitTable(title="t")
+    for column in ("name", "a", "b"):
+        table.add_column(column)
+    table.add_row("layer1.0.conv1.0", "1,234,567", "5.67e-01")
+    assert "┃" in _rendered(table)  # wide enough: drawn as usual, with its borders
+    wide = render.FitTable(title="t")
+    numbers = [f"{index},234,567.{index}" for index in range(12)]
+    for index in range(len(numbers)):
+        wide.add_column(f"column {index}", justify="right")
+    wide.add_row(*numbers)
+    text = _rendered(wide)
+    _assert_readable(text, numbers)
+    assert "column 11" in text
+
+
+def test_report_layer_table_keeps_names_and_numbers_whole_at_80_columns() -> None:
+    rows = [
+        SimpleNamespace(
+            name=name, kernel_size=kernel, atoms=(3, 6) if error else None, mode="auto" if error else None,
+            form=form, params_original=before, params_converted=after, macs_original=before * 4_567,
+            macs_converted=after * 4_567, output_bytes=before * 13,
+        )
+        for name, kernel, _, _, before, after, error, form in R3D_LAYERS
+    ]
+    text = _rendered(cmd_report._layer_table(SimpleNamespace(layers=rows)))
+    tokens = []
+    for row in rows:
+        tokens += [row.name, f"{row.params_original:,}", f"{row.params_converted:,}"]
+        tokens += [cmd_report._gmacs(row.macs_original), cmd_report._gmacs(row.macs_converted)]
+        tokens += [cmd_report._mib(row.output_bytes)]
+    _assert_readable(text, tokens)
+
+
+def test_finetune_stage_table_keeps_numbers_whole_at_80_columns() -> None:
+    summaries = [
+        SimpleNamespace(
+            val_top5_k=5, first_epoch=2 * index, last_epoch=2 * index + 1, index=index, cycle=0, stage=stage,
+            input_shape=(8, 3, 16, 112, 112), trainable_params=1_234_567, frozen_params=31_000_123,
+            train_loss=1.23456, train_top1=0.8123, val_loss=1.34567, val_top1=0.7456, val_top5=0.9567,
+            peak_memory_bytes=12_345 * 2**20, clips_per_s=123.4,
+        )
+        for index, stage in enumerate(("temporal", "spatial"))
+    ]
+    text = _rendered(cmd_finetune.stage_table(summaries, "stages"))
+    tokens = ["8×3×16×112×112", "1,234,567", "31,000,123", "1.2346", "81.2%", "1.3457", "74.6%", "95.7%"]
+    _assert_readable(text, [*tokens, "12,345.0", "123.4", "temporal", "spatial"])
