@@ -3,11 +3,19 @@ closed pipes, progress of ``plan``."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from types import SimpleNamespace
 
+import pytest
+import typer.main
 from rich.console import Console
 
+from cli_helpers import run_cli
 from stjfd_convert.cli import cmd_finetune, cmd_report, render
+from stjfd_convert.cli.main import app
 from stjfd_convert.config import ConvertConfig
 from stjfd_convert.convert import ConversionReport, LayerReport
 
@@ -110,3 +118,35 @@ def test_finetune_stage_table_keeps_numbers_whole_at_80_columns() -> None:
     text = _rendered(cmd_finetune.stage_table(summaries, "stages"))
     tokens = ["8×3×16×112×112", "1,234,567", "31,000,123", "1.2346", "81.2%", "1.3457", "74.6%", "95.7%"]
     _assert_readable(text, [*tokens, "12,345.0", "123.4", "temporal", "spatial"])
+
+
+def _option_names(command: str) -> list[str]:
+    params = typer.main.get_command(app).commands[command].params
+    return [name for param in params if param.param_type_name == "option" for name in (*param.opts, *param.secondary_opts)]
+
+
+def _assert_help_whole(text: str, command: str) -> None:
+    assert "<bool>" not in text, text
+    for name in _option_names(command):
+        assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text), f"{name} cut or missing:\n{text}"
+    assert max(len(line) for line in text.splitlines()) <= TERMINAL, text
+
+
+def test_finetune_help_shows_whole_option_names_and_bare_flags_at_80_columns(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TYPER_USE_RICH")}
+    env.update(COLUMNS=str(TERMINAL), NO_COLOR="1", TERM="xterm")
+    proc = subprocess.run(
+        [sys.executable, "-m", "stjfd_convert", "finetune", "--help"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    _assert_help_whole(proc.stdout, "finetune")
+    assert re.search(r"^\s*--resume\s+continue", proc.stdout, re.M), proc.stdout  # a flag takes no value
+
+
+@pytest.mark.parametrize("command", ["convert", "demo", "export", "predict", "evaluate", "plan", "report", "swap"])
+def test_every_help_shows_whole_option_names_at_80_columns(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", str(TERMINAL))
+    outcome = run_cli([command, "--help"])
+    assert outcome.exit_code == 0, outcome.output
+    _assert_help_whole(outcome.stdout, command)

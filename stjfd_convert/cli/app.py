@@ -19,6 +19,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain help: rich's option panels cut long option names on an 80-column terminal ("--spatial-downsamp…")
+    # and print flags as "--resume <bool>"; the plain layout wraps help text and shows flags bare.
+    rich_markup_mode=None,
 )
 
 EXIT_INTERNAL = 3
