@@ -41,6 +41,12 @@ def _apply_umask(path: Path, mode: int) -> None:
     os.chmod(path, mode & ~umask)
 
 
+def give_default_mode(path: Path) -> None:
+    """The mode ``open()`` gives a new file (0666 minus the umask), for a file a library wrote privately
+    (safetensors writes 0600), so it matches the other files of its output."""
+    _apply_umask(path, 0o666)
+
+
 def _describe_os_error(exc: OSError) -> str:
     return exc.strerror or type(exc).__name__
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .atomic import atomic_directory
+from .atomic import atomic_directory, give_default_mode
 from .errors import ConfigError, ConvertedModelError, StjfdError
 from .formats import CONVERTED_FORMAT, MANIFEST_FILE, PICKLE_FILE, WEIGHTS_FILE
 from .convert import replace_modules
@@ -89,6 +89,7 @@ def write_converted_files(model: nn.Module, manifest: Mapping[str, Any], folder:
     from safetensors.torch import save_model
 
     save_model(model, str(folder / WEIGHTS_FILE))
+    give_default_mode(folder / WEIGHTS_FILE)  # safetensors writes 0600, the manifest beside it gets 0644
     if manifest["architecture"]["kind"] == "pickle":
         torch.save(model, folder / PICKLE_FILE)
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")

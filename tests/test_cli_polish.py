@@ -12,12 +12,16 @@ from types import SimpleNamespace
 import pytest
 import typer.main
 from rich.console import Console
+from torch import nn
 
 from cli_helpers import run_cli
 from stjfd_convert.cli import cmd_finetune, cmd_report, render
 from stjfd_convert.cli.main import app
 from stjfd_convert.config import ConvertConfig
-from stjfd_convert.convert import ConversionReport, LayerReport
+from stjfd_convert.convert import ConversionReport, LayerReport, convert_model
+from stjfd_convert.formats import MANIFEST_FILE, WEIGHTS_FILE
+from stjfd_convert.models import ArchSpec
+from stjfd_convert.saved_model import save_converted
 
 TERMINAL = 80  # the width every table must stay readable at
 
@@ -150,3 +154,14 @@ def test_every_help_shows_whole_option_names_at_80_columns(command: str, monkeyp
     outcome = run_cli([command, "--help"])
     assert outcome.exit_code == 0, outcome.output
     _assert_help_whole(outcome.stdout, command)
+
+
+def test_weights_file_gets_the_same_umask_respecting_mode_as_the_manifest(tmp_path) -> None:
+    converted, _ = convert_model(nn.Sequential(nn.Conv3d(3, 4, 3)), ConvertConfig(full_rank=True))
+    previous = os.umask(0o027)
+    try:
+        folder = save_converted(converted, tmp_path / "out", ArchSpec("callable", "tinynet.py:build"))
+    finally:
+        os.umask(previous)
+    modes = {name: (folder / name).stat().st_mode & 0o777 for name in (WEIGHTS_FILE, MANIFEST_FILE)}
+    assert modes == {WEIGHTS_FILE: 0o640, MANIFEST_FILE: 0o640}
