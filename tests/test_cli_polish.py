@@ -14,7 +14,7 @@ import typer.main
 from rich.console import Console
 from torch import nn
 
-from cli_helpers import run_cli
+from cli_helpers import run_cli, write_tiny
 from stjfd_convert.cli import cmd_finetune, cmd_report, render
 from stjfd_convert.cli.main import app
 from stjfd_convert.config import ConvertConfig
@@ -165,3 +165,20 @@ def test_weights_file_gets_the_same_umask_respecting_mode_as_the_manifest(tmp_pa
         os.umask(previous)
     modes = {name: (folder / name).stat().st_mode & 0o777 for name in (WEIGHTS_FILE, MANIFEST_FILE)}
     assert modes == {WEIGHTS_FILE: 0o640, MANIFEST_FILE: 0o640}
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path) -> None:
+    """``stjfd convert … --json | head -0``: the reader is gone before the first write."""
+    tiny = write_tiny(tmp_path / "tiny")
+    env = {k: v for k, v in os.environ.items() if k not in ("STJFD_DEBUG", "PYTHONWARNINGS")}
+    env.update(OMP_NUM_THREADS="1")
+    args = ["convert", *tiny.args(), "-o", str(tmp_path / "out"), "--json"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stjfd_convert", *args], cwd=tmp_path, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    proc.stderr.close()
+    assert proc.wait() == 141, stderr  # 128 + SIGPIPE, as a shell reports a writer whose reader left
+    assert "Error" not in stderr and "error" not in stderr, stderr

@@ -27,6 +27,19 @@ app = typer.Typer(
 EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell shows for a reader that went away
+
+
+def _silence_stdout() -> None:
+    """Python docs' recipe for a closed pipe (``stjfd report --json | head -1``): point stdout at devnull so
+    that the final flush at exit cannot fail again, then leave quietly."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (an in-process runner)
+        pass
+    finally:
+        os.close(devnull)
 
 
 def command_line() -> str:
@@ -39,9 +52,14 @@ def guarded(func: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
+            sys.stdout.flush()  # a closed pipe shows here, inside the guard, not at interpreter exit
+            return result
         except typer.Exit:
             raise
+        except BrokenPipeError:
+            _silence_stdout()
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
         except StjfdError as exc:
             render.error_line(exc.one_line())
             raise typer.Exit(exc.exit_code) from None
