@@ -3,6 +3,7 @@ closed pipes, progress of ``plan``."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -14,13 +15,16 @@ import typer.main
 from rich.console import Console
 from torch import nn
 
-from cli_helpers import run_cli, write_tiny
+from cli_helpers import TINY_DECOMPOSABLE, run_cli, tiny_reference_model, write_tiny
 from stjfd_convert.cli import cmd_finetune, cmd_report, render
 from stjfd_convert.cli.main import app
 from stjfd_convert.config import ConvertConfig
 from stjfd_convert.convert import ConversionReport, LayerReport, convert_model
 from stjfd_convert.formats import MANIFEST_FILE, WEIGHTS_FILE
+from stjfd_convert.functional.cost import FORMS
+from stjfd_convert.layers import DecomposedConv3d
 from stjfd_convert.models import ArchSpec
+from stjfd_convert.planner import plan_model
 from stjfd_convert.saved_model import save_converted
 
 TERMINAL = 80  # the width every table must stay readable at
@@ -182,3 +186,35 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path) -> None:
     proc.stderr.close()
     assert proc.wait() == 141, stderr  # 128 + SIGPIPE, as a shell reports a writer whose reader left
     assert "Error" not in stderr and "error" not in stderr, stderr
+
+
+def test_the_planner_reports_progress_once_per_layer() -> None:
+    model = nn.Sequential(
+        DecomposedConv3d(3, 4, 3, padding=1), nn.ReLU(), DecomposedConv3d(4, 4, (1, 3, 3), padding=(0, 1, 1))
+    ).eval()
+    calls = []
+    plan_model(
+        model, (1, 3, 3, 6, 6), measure=True, repeats=1, timer=lambda layer, forms, x, repeats: dict.fromkeys(forms, 1.0),
+        progress=lambda done, total, name: calls.append((done, total, name)),
+    )
+    assert calls == [(1, 2, "0"), (2, 2, "2")]
+
+
+def test_plan_shows_progress_per_layer_on_a_terminal(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny = write_tiny(tmp_path / "tiny")
+    converted, _ = convert_model(tiny_reference_model(), ConvertConfig(temporal_atoms=2, spatial_atoms=4))
+    spec = ArchSpec("callable", f"{tiny.module}:build")
+    folder = save_converted(converted, tmp_path / "conv", spec, input_shape=(1, 3, 4, 8, 8))
+    shown = []
+
+    @contextlib.contextmanager
+    def bar(enabled: bool, description: str):
+        assert enabled and description == "measuring"
+        yield lambda event: shown.append((event.index, event.total, event.name))
+
+    monkeypatch.setattr(render.stderr, "_force_terminal", True)
+    monkeypatch.setattr(render, "layer_progress", bar)
+    outcome = run_cli(["plan", folder, "--repeats", "1", "--dry-run", "--trust-code"])
+    assert outcome.exit_code == 0, outcome.output
+    assert shown == [(index, 2, name) for index, name in enumerate(TINY_DECOMPOSABLE, start=1)]
+    assert all(f"{form} ms" in outcome.stdout for form in FORMS)

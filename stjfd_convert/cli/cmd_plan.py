@@ -31,10 +31,11 @@ def plan(
     from ..workflows import plan_converted
 
     shape = parse_shape(input_shape) if input_shape else None
-    result, path = plan_converted(
-        directory, shape, device=device, repeats=repeats, input_dtype=input_dtype, save=not dry_run,
-        trust_code=trust_code,
-    )
+    with render.step_progress(not as_json and render.stderr.is_terminal, "measuring") as progress:
+        result, path = plan_converted(
+            directory, shape, device=device, repeats=repeats, input_dtype=input_dtype, save=not dry_run,
+            trust_code=trust_code, progress=progress,
+        )
     if as_json:
         render.print_json({**result.to_dict(), "manifest": str(path) if path else None})
         return

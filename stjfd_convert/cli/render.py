@@ -6,6 +6,7 @@ import contextlib
 import copy
 import json
 import sys
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Iterator
 
 from rich import box
@@ -119,6 +120,16 @@ def layer_progress(enabled: bool, description: str = "decomposing") -> Iterator[
 
     with progress:
         yield callback
+
+
+@contextlib.contextmanager
+def step_progress(enabled: bool, description: str) -> Iterator[Any]:
+    """``layer_progress`` for library calls that report ``progress(done, total, name)`` (the planner)."""
+    with layer_progress(enabled, description) as callback:
+        if callback is None:
+            yield None
+        else:
+            yield lambda done, total, name: callback(SimpleNamespace(index=done, total=total, name=name))
 
 
 def conversion_table(report: ConversionReport) -> Table:
