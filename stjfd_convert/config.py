@@ -10,6 +10,7 @@ from .errors import ConfigError
 EXECUTION_FORMS = ("fused", "factorized", "sandwich", "spatial_first", "temporal_first")
 EXECUTION_MODES = (*EXECUTION_FORMS, "auto")
 DECOMPOSITION_METHODS = ("hooi", "hosvd", "tensorly")
+BUDGET_SCOPES = ("convs", "model")  # --budget-of: a share of the decomposable convs' weights, or of the model
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,12 @@ class ConvertConfig:
     """How ranks are chosen and which layers are converted.
 
     Exactly one rank policy applies:
-    - ``atoms`` (default): ``spatial_atoms`` (default 6) and ``temporal_atoms`` (default min(L, 3)),
+    - ``atoms`` (default): ``spatial_atoms`` (default 6) and ``temporal_atoms`` (default min(L, 3); one
+      fewer than the taps where that would keep a whole kernel, see ``layers.default_atoms``),
       clipped per layer to its number of taps;
     - ``energy``: per mode, the smallest rank keeping that share of the squared singular values;
-    - ``budget``: ranks across layers so the converted layers' weights shrink to that share;
+    - ``budget``: ranks across layers so that the decomposable convs' weights (``budget_of="convs"``)
+      or all of the model's parameters (``budget_of="model"``) shrink to that share;
     - ``full_rank``: m_t = L, m_s = Kh·Kw (exact; for verification).
     ``include``/``exclude`` are fnmatch globs on module names. Layers whose atoms would not save
     parameters are skipped (except under ``full_rank``).
@@ -42,6 +45,7 @@ class ConvertConfig:
     temporal_atoms: int | None = None
     energy: float | None = None
     budget: float | None = None
+    budget_of: str = "convs"
     full_rank: bool = False
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -74,6 +78,10 @@ class ConvertConfig:
             raise ConfigError(f"--energy must be in (0, 1], got {self.energy}", "e.g. --energy 0.99")
         if self.budget is not None and not 0.0 < self.budget <= 1.0:
             raise ConfigError(f"--budget must be in (0, 1], got {self.budget}", "e.g. --budget 0.5")
+        if self.budget_of not in BUDGET_SCOPES:
+            raise ConfigError(f"unknown --budget-of {self.budget_of!r}", f"use one of {', '.join(BUDGET_SCOPES)}")
+        if self.budget_of != "convs" and self.budget is None:
+            raise ConfigError("--budget-of applies only with --budget", "e.g. --budget 0.5 --budget-of model")
         if self.method not in DECOMPOSITION_METHODS:
             raise ConfigError(f"unknown --method {self.method!r}", f"use one of {', '.join(DECOMPOSITION_METHODS)}")
         if self.mode not in EXECUTION_MODES:

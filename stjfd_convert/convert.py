@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -23,7 +24,7 @@ from .functional.decompose import (
     energy_rank,
     mode_spectra,
 )
-from .layers import DecomposedConv3d, default_spatial_atoms, default_temporal_atoms
+from .layers import DecomposedConv3d, default_atoms
 
 
 @dataclass
@@ -67,10 +68,21 @@ class ConversionReport:
     seconds: float
     config: ConvertConfig
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
         return self.params_after / self.params_before if self.params_before else 1.0
+
+    @property
+    def touchable_params(self) -> int:
+        """Parameters of the Conv3d layers the method can decompose (kernels larger than 1×1×1)."""
+        return sum(layer.params_before for layer in self.layers if layer.kernel_size != (1, 1, 1))
+
+    @property
+    def touchable_share(self) -> float:
+        """``touchable_params`` as a share of the whole model's parameters."""
+        return self.touchable_params / self.params_before if self.params_before else 0.0
 
     @property
     def decomposed(self) -> list[LayerReport]:
@@ -89,10 +101,13 @@ class ConversionReport:
                 "bytes_after": self.bytes_after,
                 "decomposed_layers": len(self.decomposed),
                 "conv3d_layers": len(self.layers),
+                "touchable_params": self.touchable_params,
+                "touchable_share": self.touchable_share,
             },
             "seconds": self.seconds,
             "config": self.config.to_dict(),
             "notes": list(self.notes),
+            "warnings": list(self.warnings),
         }
 
 
@@ -158,8 +173,26 @@ def _validate_atoms(config: ConvertConfig, geometries: list[ConvGeometry]) -> No
         )
 
 
+def _conv_budget(config: ConvertConfig, layers: list[BudgetLayer], model_params: int) -> float:
+    """``--budget`` as a share of the candidate convs' weights (converted from a share of the model)."""
+    budget = config.budget or 1.0
+    if config.budget_of == "convs":
+        return budget
+    dense = sum(layer.dense_params for layer in layers)
+    smallest = sum(layer.params(1, 1) for layer in layers)
+    fixed = model_params - dense  # what conversion cannot touch: 1×1×1 convs, BN, linear heads, …
+    reachable = (fixed + smallest) / model_params
+    if budget < reachable:
+        raise ConfigError(
+            f"--budget {budget} of the model is out of reach: {fixed / model_params:.1%} of its parameters are "
+            f"outside the decomposable convs, so the smallest it can get is {reachable:.3f}",
+            f"use --budget {math.ceil(reachable * 1000) / 1000} or more, or --budget-of convs",
+        )
+    return min(1.0, (budget * model_params - fixed) / dense)
+
+
 def _choose_ranks(
-    config: ConvertConfig, candidates: list[tuple[str, nn.Conv3d, ConvGeometry]]
+    config: ConvertConfig, candidates: list[tuple[str, nn.Conv3d, ConvGeometry]], model_params: int
 ) -> dict[str, tuple[int, int] | str]:
     """Ranks per layer name, or the reason it stays dense."""
     choice: dict[str, tuple[int, int] | str] = {}
@@ -168,7 +201,8 @@ def _choose_ranks(
             BudgetLayer(core_energy_table(conv.weight), _layer_params(geom), _dense_weight_params(conv))
             for _, conv, geom in candidates
         ]
-        for (name, _, _), ranks in zip(candidates, allocate_budget(budget_layers, config.budget or 1.0)):
+        share = _conv_budget(config, budget_layers, model_params)
+        for (name, _, _), ranks in zip(candidates, allocate_budget(budget_layers, share)):
             choice[name] = ranks if ranks is not None else f"budget {config.budget} keeps it dense"
         return choice
     for name, conv, geom in candidates:
@@ -179,9 +213,7 @@ def _choose_ranks(
             spectrum_t, spectrum_s = mode_spectra(conv.weight)
             ranks = (energy_rank(spectrum_t, config.energy or 1.0), energy_rank(spectrum_s, config.energy or 1.0))
         else:
-            m_t = default_temporal_atoms(length) if config.temporal_atoms is None else min(config.temporal_atoms, length)
-            m_s = default_spatial_atoms(taps) if config.spatial_atoms is None else min(config.spatial_atoms, taps)
-            ranks = (m_t, m_s)
+            ranks = default_atoms(length, taps, config.temporal_atoms, config.spatial_atoms)
         after = _layer_params(geom)(*ranks)
         dense = _dense_weight_params(conv)
         if config.policy != "full_rank" and after >= dense:
@@ -284,7 +316,7 @@ def convert_model(
         else:
             candidates.append((name, conv, geom))
     _validate_atoms(config, [geom for _, _, geom in candidates])
-    choices = _choose_ranks(config, candidates) if candidates else {}
+    choices = _choose_ranks(config, candidates, count_parameters(model)) if candidates else {}
 
     replacements: dict[int, nn.Module] = {}
     total = len(convs)
@@ -321,7 +353,48 @@ def convert_model(
         config=config,
         notes=notes,
     )
+    result.warnings.extend(low_savings_warnings(result))
     return converted, result
+
+
+LOW_SAVINGS = 0.10  # conversions that save less than this share of the model's parameters get a warning
+
+
+def low_savings_warnings(report: ConversionReport) -> list[str]:
+    """A warning (why, and what would help) when conversion saves < ``LOW_SAVINGS`` of the parameters.
+
+    Where the parameters sit decides what atoms can save: 1×1×1 (pointwise) convs and everything outside
+    Conv3d (BatchNorm, linear heads, attention) cannot be decomposed, and a depthwise kernel holds only
+    L·K·K weights per channel, so its atoms save a few weights per channel at best.
+    """
+    total = report.params_before
+    saved = 1.0 - report.ratio
+    if not total or saved >= LOW_SAVINGS or (report.config.policy == "budget" and report.config.budget == 1.0):
+        return []
+    if report.config.policy == "full_rank":
+        return []
+    pointwise = sum(layer.params_before for layer in report.layers if layer.kernel_size == (1, 1, 1))
+    grouped = sum(
+        layer.params_before
+        for layer in report.layers
+        if layer.kernel_size != (1, 1, 1) and layer.groups > 1 and layer.in_channels // layer.groups <= 4
+    )
+    outside = total - sum(layer.params_before for layer in report.layers)
+    parts = [
+        f"{share:.0%} {what}"
+        for share, what in (
+            (pointwise / total, "in 1×1×1 (pointwise) convs"),
+            (grouped / total, "in depthwise/grouped convs (few weights per channel)"),
+            (outside / total, "outside Conv3d layers"),
+        )
+        if share >= 0.01
+    ]
+    why = f": {', '.join(parts)}" if parts else ""
+    return [
+        f"conversion saves only {saved:.1%} of the parameters; atoms can touch {report.touchable_share:.0%} of them"
+        f"{why}. Fewer atoms (--atoms 3 --temporal-atoms 1) or --budget 0.5 shrink the touchable part further; "
+        "the rest needs another method (pruning, low-rank pointwise or linear layers)"
+    ]
 
 
 def decomposed_layers(model: nn.Module) -> list[tuple[str, DecomposedConv3d]]:

@@ -59,6 +59,26 @@ def default_spatial_atoms(taps: int) -> int:
     return min(taps, 6)
 
 
+def default_atoms(length: int, taps: int, temporal: int | None = None, spatial: int | None = None) -> tuple[int, int]:
+    """``(m_t, m_s)`` for a kernel with ``length`` temporal and ``taps`` spatial taps.
+
+    An explicit ``temporal``/``spatial`` count wins (clipped to the kernel). The others take the paper's
+    defaults, min(L, 3) and min(K·K, 6), except where those would keep every tap of the kernel — a
+    separable temporal conv (L×1×1, as in (2+1)D, S3D, SlowFast) or a small spatial one — which would
+    save nothing: then the longer of the defaulted modes keeps one atom fewer than its taps
+    (3×1×1 → 2 temporal atoms), so the layer is compressed rather than left dense.
+    """
+    m_t = default_temporal_atoms(length) if temporal is None else min(temporal, length)
+    m_s = default_spatial_atoms(taps) if spatial is None else min(spatial, taps)
+    if (m_t, m_s) == (length, taps) and length * taps > 1:
+        spatial_free, temporal_free = spatial is None and taps > 1, temporal is None and length > 1
+        if spatial_free and (taps >= length or not temporal_free):
+            m_s = taps - 1
+        elif temporal_free:
+            m_t = length - 1
+    return m_t, m_s
+
+
 class DecomposedConv3d(nn.Module):
     """Conv3d with weight ``W[o,i,t,s] = Σ_pq A[o,i,p,q] Ψ[t,p] Φ[s,q]``.
 
@@ -92,8 +112,9 @@ class DecomposedConv3d(nn.Module):
         )
         self.geometry = geometry
         length, taps = geometry.temporal_taps, geometry.spatial_taps
-        m_t = default_temporal_atoms(length) if num_temporal_atoms is None else int(num_temporal_atoms)
-        m_s = default_spatial_atoms(taps) if num_spatial_atoms is None else int(num_spatial_atoms)
+        d_t, d_s = default_atoms(length, taps, num_temporal_atoms, num_spatial_atoms)
+        m_t = d_t if num_temporal_atoms is None else int(num_temporal_atoms)
+        m_s = d_s if num_spatial_atoms is None else int(num_spatial_atoms)
         if not 1 <= m_t <= length:
             raise ConfigError(f"num_temporal_atoms must be in 1..{length} for kernel {geometry.kernel_size}, got {m_t}")
         if not 1 <= m_s <= taps:
@@ -214,15 +235,16 @@ class DecomposedConv3d(nn.Module):
         method: str = "hooi",
         mode: str = "fused",
     ) -> "DecomposedConv3d":
-        """Decompose ``conv`` into m_t temporal and m_s spatial atoms (defaults min(L,3), min(S,6)).
+        """Decompose ``conv`` into m_t temporal and m_s spatial atoms (defaults: :func:`default_atoms`).
 
         ``reconstruction_error`` holds ‖W − Ŵ‖/‖W‖. Full rank (m_t = L, m_s = S) is exact.
         """
         if not isinstance(conv, nn.Conv3d):
             raise ConfigError(f"from_conv expects an nn.Conv3d, got {type(conv).__name__}")
         geometry = ConvGeometry.from_conv(conv)
-        m_t = default_temporal_atoms(geometry.temporal_taps) if temporal_atoms is None else temporal_atoms
-        m_s = default_spatial_atoms(geometry.spatial_taps) if spatial_atoms is None else spatial_atoms
+        d_t, d_s = default_atoms(geometry.temporal_taps, geometry.spatial_taps, temporal_atoms, spatial_atoms)
+        m_t = d_t if temporal_atoms is None else temporal_atoms
+        m_s = d_s if spatial_atoms is None else spatial_atoms
         decomposition = decompose(conv.weight, m_t, m_s, method=method)
         return cls.from_decomposition(conv, decomposition, mode=mode)
 

@@ -26,6 +26,8 @@ def _render_convert(result: Any, as_json: bool) -> None:
     out.print(render.parity_line(result.parity))
     for note in result.report.notes + result.notes:
         out.print(f"[dim]note:[/] {escape(note)}")
+    for warning in result.report.warnings:
+        render.stderr.print(f"[bold yellow]warning:[/] {escape(warning)}")
     if result.output is not None:
         out.print(f"[bold green]saved[/] {escape(str(result.output))}/ (model.safetensors + model.stjfd.json)")
 
@@ -38,10 +40,15 @@ def convert(
     ),
     atoms: Optional[int] = typer.Option(None, "--atoms", help="spatial atoms per layer (default 6; clipped to a layer's taps)"),
     temporal_atoms: Optional[int] = typer.Option(
-        None, "--temporal-atoms", help="temporal atoms per layer (default min(L, 3))"
+        None, "--temporal-atoms", help="temporal atoms per layer (default min(L, 3); L−1 for L×1×1 kernels)"
     ),
     energy: Optional[float] = typer.Option(None, help="keep this share of each mode's energy, e.g. 0.99"),
-    budget: Optional[float] = typer.Option(None, help="shrink the decomposed convs' parameters to this share"),
+    budget: Optional[float] = typer.Option(
+        None, help="shrink parameters to this share: of the decomposable convs' weights, or see --budget-of"
+    ),
+    budget_of: str = typer.Option(
+        "convs", "--budget-of", help="what --budget is a share of: convs (decomposable conv weights) | model (all)"
+    ),
     full_rank: bool = typer.Option(False, "--full-rank", help="exact decomposition (for verification)"),
     include: List[str] = typer.Option([], "--include", help="glob on module names to convert (repeatable)"),
     exclude: List[str] = typer.Option([], "--exclude", help="glob on module names to leave dense (repeatable)"),
@@ -68,6 +75,7 @@ def convert(
         temporal_atoms=temporal_atoms,
         energy=energy,
         budget=budget,
+        budget_of=budget_of,
         full_rank=full_rank,
         include=tuple(include),
         exclude=tuple(exclude),
@@ -100,7 +108,7 @@ def convert(
 def demo(
     atoms: int = typer.Option(6, "--atoms", help="spatial atoms per layer"),
     temporal_atoms: Optional[int] = typer.Option(
-        None, "--temporal-atoms", help="temporal atoms per layer (default min(L, 3))"
+        None, "--temporal-atoms", help="temporal atoms per layer (default min(L, 3); L−1 for L×1×1 kernels)"
     ),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="keep the converted model and run here"),
     force: bool = typer.Option(False, "--force", help="replace an earlier demo's outputs in -o"),
