@@ -424,7 +424,7 @@ def test_cli_swap_then_plan_export_and_report_accept_the_folder(sample_dir: Path
     assert any("plans" in note and "stjfd plan" in note for note in json.loads(again.stdout)["notes"])
     manifest = load_converted(tmp_path / "t5-d2").manifest
     assert "plans" not in manifest and not any("plan" in entry for entry in manifest["layers"].values())
-    outcome = run_cli(["report", out, "--input-shape", "2,3,8,32,32", "--json"])
+    outcome = run_cli(["report", out, "--input-shape", "2,3,8,32,32", "--no-training", "--json"])
     assert outcome.exit_code == 0, outcome.output
     pytest.importorskip("onnxruntime")
     outcome = run_cli(["export", out, "--onnx", tmp_path / "t5.onnx", "--runs", 0, "--json"])
