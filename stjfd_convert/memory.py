@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_leaves
 
 from .errors import ConfigError, ModelError, first_line
 from .parity import flatten_outputs
-from .stages import enable_activation_checkpointing, set_trainable
+from .stages import enable_activation_checkpointing, enable_stage_safe_pooling, set_trainable
 
 OPTIMIZERS = ("sgd", "adamw")
 INPUT_SEED = 0
@@ -126,6 +126,7 @@ class TrainingMemory:
     device: str
     peak_cuda_bytes: int | None = None
     step_seconds: list[float] = field(default_factory=list)
+    adapted_pools: list[str] = field(default_factory=list)  # fixed pools run over the whole (downsampled) input
 
     @property
     def saved_bytes(self) -> int:
@@ -229,6 +230,7 @@ def measure_training_step(
     shape = tuple(int(s) for s in input_shape)
     work = copy.deepcopy(model).to(device).train()
     trainable = set_trainable(work, stage)
+    adapted = enable_stage_safe_pooling(work) if stage != "joint" else set()
     blocks = enable_activation_checkpointing(work) if checkpointing else 0
     opt = _make_optimizer(optimizer, trainable)
     dtype = next((p.dtype for p in work.parameters() if p.is_floating_point()), torch.float32)
@@ -314,6 +316,7 @@ def measure_training_step(
         device=str(device),
         peak_cuda_bytes=peak_cuda,
         step_seconds=times,
+        adapted_pools=sorted(adapted),
     )
 
 

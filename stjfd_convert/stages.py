@@ -184,3 +184,76 @@ def disable_activation_checkpointing(model: nn.Module) -> int:
     for module in wrapped:
         del module.forward
     return len(wrapped)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage-safe pooling: fixed-kernel pools on downsampled clips
+# --------------------------------------------------------------------------------------------
+
+_FIXED_POOLS = (nn.AvgPool3d, nn.MaxPool3d)
+
+
+class StageSafePool:
+    """Replaces a fixed-kernel pool's ``forward`` (instance attribute): when the kernel would exceed the
+    padded input along an axis — a head's global ``AvgPool3d(T, H/32, W/32)`` fed a stage's downsampled
+    clip — that axis is pooled over the whole input (kernel clipped to it, padding to half the kernel), as
+    an adaptive pool would. Inputs the kernel fits (every full-resolution clip) run the pool unchanged,
+    so evaluation, BN re-estimation and export see the original layer. ``adapted`` records the pools that
+    were clipped, by name."""
+
+    def __init__(self, module: nn.Module, name: str, adapted: set[str]) -> None:
+        self.module, self.name, self.adapted = module, name, adapted
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        module = self.module
+        forward = type(module).forward.__get__(module)
+        kernel = _triple(module.kernel_size)
+        padding = _triple(module.padding)
+        dilation = _triple(getattr(module, "dilation", 1))
+        sizes = tuple(x.shape[-3:])
+        span = [d * (k - 1) + 1 for k, d in zip(kernel, dilation)]
+        if all(s <= n + 2 * p for s, n, p in zip(span, sizes, padding)):
+            return forward(x)
+        new_kernel = tuple(k if s <= n + 2 * p else n for k, s, n, p in zip(kernel, span, sizes, padding))
+        new_padding = tuple(p if k == nk else 0 for k, nk, p in zip(kernel, new_kernel, padding))
+        new_dilation = tuple(d if k == nk else 1 for k, nk, d in zip(kernel, new_kernel, dilation))
+        saved = (module.kernel_size, module.padding, getattr(module, "dilation", None))
+        self.adapted.add(self.name)
+        try:
+            module.kernel_size, module.padding = new_kernel, new_padding
+            if isinstance(module, nn.MaxPool3d):
+                module.dilation = new_dilation
+            return forward(x)
+        finally:
+            module.kernel_size, module.padding = saved[0], saved[1]
+            if isinstance(module, nn.MaxPool3d):
+                module.dilation = saved[2]
+
+
+def _triple(value: Any) -> tuple[int, int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (int(value),) * 3  # type: ignore[return-value]
+
+
+def enable_stage_safe_pooling(model: nn.Module) -> set[str]:
+    """Wrap every ``AvgPool3d``/``MaxPool3d`` of ``model`` in :class:`StageSafePool` (in place, idempotent).
+
+    Returns the set the wrappers fill with the names of pools they had to clip; read it after a stage.
+    """
+    adapted: set[str] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, _FIXED_POOLS):
+            current = module.__dict__.get("forward")
+            if isinstance(current, StageSafePool):
+                adapted = current.adapted
+    for name, module in model.named_modules():
+        if isinstance(module, _FIXED_POOLS) and not isinstance(module.__dict__.get("forward"), StageSafePool):
+            module.forward = StageSafePool(module, name, adapted)  # type: ignore[method-assign]
+    return adapted
+
+
+def disable_stage_safe_pooling(model: nn.Module) -> int:
+    """Undo :func:`enable_stage_safe_pooling`; returns how many pools were unwrapped."""
+    wrapped = [m for m in model.modules() if isinstance(m.__dict__.get("forward"), StageSafePool)]
+    for module in wrapped:
+        del module.forward
+    return len(wrapped)

@@ -279,10 +279,10 @@ def finetune(
     cycles: Optional[int] = typer.Option(None, "--cycles", help="temporal→spatial cycles (default 1)"),
     epochs_per_stage: Optional[int] = typer.Option(None, "--epochs-per-stage", help="epochs per stage (default 1)"),
     spatial_downsample: Optional[int] = typer.Option(
-        None, "--spatial-downsample", help="s: frame downsampling in the temporal stage (default 2)"
+        None, "--spatial-downsample", "-s", help="s: frame downsampling in the temporal stage (default 2)"
     ),
     temporal_downsample: Optional[int] = typer.Option(
-        None, "--temporal-downsample", help="r: clip downsampling in the spatial stage (default 2)"
+        None, "--temporal-downsample", "-r", help="r: clip downsampling in the spatial stage (default 2)"
     ),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="global batch size (default 8)"),
     workers: Optional[int] = typer.Option(None, "--workers", help="data-loading processes (default 2)"),

@@ -32,6 +32,8 @@ class StageSummary:
     memory: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     clips_per_s: float | None = None
+    # Fixed-kernel pools that ran adaptively on this stage's downsampled clips (stages.StageSafePool).
+    adapted_pools: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

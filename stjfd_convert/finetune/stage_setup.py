@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..memory import storage_key
-from ..stages import set_trainable
+from ..stages import disable_stage_safe_pooling, enable_stage_safe_pooling, set_trainable
 from .checkpoint import _clip_description
 from .events import StageEnd, StageStarted
 from .metrics import _fmt, _fmt_bytes
@@ -37,6 +37,7 @@ class _StageSetup(_RunFolder):
     stage_measured: bool
     _counter: _SavedBytes | None
     _input_shape: list[int]
+    adapted_pools: set[str] | frozenset[str] = frozenset()  # filled by the stage's StageSafePool wrappers
 
     # ---- stages ------------------------------------------------------------------------------------
 
@@ -62,6 +63,8 @@ class _StageSetup(_RunFolder):
             # The previous stage's DDP reducer hooks the parameters; it must be gone before the next wrap.
             self.ddp = self.forward_model = None
             gc.collect()
+        # A stage's smaller clips must not break fixed-size pooling heads; full-size clips run them unchanged.
+        self.adapted_pools = enable_stage_safe_pooling(self.model) if plan.stage != "joint" else set()
         trainable = set(map(id, set_trainable(self.model, plan.stage)))
         named = [(n, p) for n, p in self.model.named_parameters() if id(p) in trainable]
         frozen = [n for n, p in self.model.named_parameters() if id(p) not in trainable]
@@ -117,10 +120,17 @@ class _StageSetup(_RunFolder):
             rates = [r["clips_per_s"] for r in records if r.get("clips_per_s")]
             summary["clips_per_s"] = sum(rates) / len(rates) if rates else None
         summary["seconds"] = float(summary.get("seconds") or 0.0) + seconds
+        summary["adapted_pools"] = sorted(set(summary.get("adapted_pools") or ()) | self.adapted_pools)
 
     def end_stage(self, plan: StagePlan) -> StageSummary:
         result = StageSummary.from_dict(self.stage_summaries[plan.index])
+        disable_stage_safe_pooling(self.model)
         self._write_record({"type": "stage", **result.to_dict(), "step": self.position.step})
+        if result.adapted_pools:
+            self._log(
+                f"stage {plan.index + 1} ({plan.label}): pooling run over the whole downsampled input in "
+                f"{', '.join(result.adapted_pools)} (its kernel is larger than the stage's clips)"
+            )
         self._log(
             f"stage {plan.index + 1} ({plan.label}) done: val top-1 {_fmt(result.val_top1)}, "
             f"peak memory {_fmt_bytes(result.peak_memory_bytes)}"

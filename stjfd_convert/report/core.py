@@ -183,6 +183,12 @@ def memory_report(
             models, shape, spatial_downsample=spatial_downsample, temporal_downsample=temporal_downsample,
             optimizer=optimizer, device=device, steps=steps, loss_fn=loss_fn, progress=lambda t: step(f"training: {t}"),
         )
+    for entry in schedules:
+        if entry.memory.adapted_pools:
+            notes.append(
+                f"{entry.label}: {', '.join(entry.memory.adapted_pools)} pooled over the whole downsampled input "
+                "(its fixed kernel is larger than the stage's clip); evaluation and export keep the original kernel"
+            )
     search_device = "cuda" if str(device).startswith("cuda") else "meta"
     frames_list = list(sweep_frames) if sweep_frames is not None else sorted({4, 8, 16, 32, shape[2]})
     step("clip sweep")
