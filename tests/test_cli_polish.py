@@ -218,3 +218,18 @@ def test_plan_shows_progress_per_layer_on_a_terminal(tmp_path, monkeypatch: pyte
     assert outcome.exit_code == 0, outcome.output
     assert shown == [(index, 2, name) for index, name in enumerate(TINY_DECOMPOSABLE, start=1)]
     assert all(f"{form} ms" in outcome.stdout for form in FORMS)
+
+
+@pytest.mark.parametrize(("mode", "explained"), [("fused", True), ("factorized", False)])
+def test_export_notes_its_size_against_the_converted_model(tmp_path, mode: str, explained: bool) -> None:
+    pytest.importorskip("onnxruntime")
+    from stjfd_convert.export import export_onnx
+
+    converted, _ = convert_model(tiny_reference_model(), ConvertConfig(temporal_atoms=1, spatial_atoms=2))
+    weights = sum(p.numel() for p in converted.parameters())
+    result = export_onnx(converted.eval(), tmp_path / "m.onnx", mode=mode, input_shape=(1, 3, 4, 8, 8), runs=0, clips=1)
+    note = next(note for note in result.notes if note.startswith("ONNX file"))
+    assert f"{result.stats.parameters:,} weights; the converted model:" in note and f"MB, {weights:,} weights" in note
+    # fused stores each layer's dense weight (more than its atoms); factorized the atoms and coefficients.
+    assert (result.stats.parameters > weights) is explained
+    assert ("store a weight rebuilt from their atoms" in note) is explained, note

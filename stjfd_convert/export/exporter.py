@@ -98,6 +98,12 @@ class _Options:
     def needs_onnxruntime(self) -> bool:
         return self.validate or self.runs > 0 or self.compare or self.measure
 
+    def without_onnxruntime(self) -> str:
+        """The export command's flags that would make it run without onnxruntime."""
+        steps = [("pass --no-validate", self.validate), ("pass --runs 0", self.runs > 0),
+                 ("drop --compare", self.compare), ("drop --measure", self.measure)]
+        return " and ".join(step for step, needed in steps if needed)
+
 
 def _check_options(
     *,
@@ -122,8 +128,10 @@ def _check_options(
         raise ConfigError(f"unknown --mode {mode!r}", f"use one of {', '.join(EXPORT_MODES)}")
     if clips < 1:
         raise ConfigError(f"--clips must be ≥ 1, got {clips}", "e.g. --clips 3")
-    if runs < 0 or warmup < 0:
-        raise ConfigError("--runs and --warmup must be ≥ 0", "e.g. --runs 10")
+    if runs < 0:
+        raise ConfigError(f"--runs must be ≥ 0, got {runs}", "e.g. --runs 10 (0: no timing)")
+    if warmup < 0:
+        raise ConfigError(f"warmup must be ≥ 0, got {warmup}", "e.g. warmup=3 (untimed runs before timing)")
     if threads is not None and threads < 1:
         raise ConfigError(f"--threads must be ≥ 1, got {threads}", "e.g. --threads 2, or leave it out")
     if measure and mode != "auto":
@@ -215,6 +223,30 @@ def _metadata(
     return metadata
 
 
+#: Forms whose ONNX graph stores a weight rebuilt from the atoms (fused: the dense W; spatial_first: A·Ψ;
+#: temporal_first: A·Φ) rather than the atoms and coefficients themselves (factorized, sandwich).
+_REBUILT_WEIGHT_FORMS = ("fused", "spatial_first", "temporal_first")
+
+
+def _size_note(stats: GraphStats, model: nn.Module, forms: Mapping[str, str]) -> str:
+    """One line comparing the ONNX file with the converted model, and why it may store more weights."""
+    tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
+    elements = sum(t.numel() for t in tensors)
+    model_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    text = (
+        f"ONNX file {stats.file_bytes / 2**20:,.2f} MB storing {stats.parameters:,} weights; the converted model: "
+        f"{model_bytes / 2**20:,.2f} MB, {elements:,} weights"
+    )
+    rebuilt = sorted({form for form in forms.values() if form in _REBUILT_WEIGHT_FORMS})
+    if rebuilt and stats.parameters > elements:
+        count = sum(form in _REBUILT_WEIGHT_FORMS for form in forms.values())
+        text += (
+            f" — {count} of {len(forms)} decomposed layers run as {'/'.join(rebuilt)}, which store a weight rebuilt "
+            "from their atoms; --mode factorized or sandwich stores only atoms and coefficients"
+        )
+    return text
+
+
 def _write_and_check(
     onnx: Any,
     work: nn.Module,
@@ -263,7 +295,8 @@ def _write_and_check(
         original=original,
         normalization=normalization,
         architecture=source.spec.to_dict() if source.spec else None,
-        notes=[] if chosen.forms else ["the model has no decomposed layers: exported as is (--mode does not apply)"],
+        notes=[_size_note(stats, work, chosen.forms)] if chosen.forms
+        else ["the model has no decomposed layers: exported as is (--mode does not apply)"],
         plan=chosen.plan,
         plan_seconds=chosen.seconds,
         plan_saved=chosen.saved,
@@ -385,7 +418,7 @@ def export_onnx(
     # Fail on a missing dependency before any long work.
     onnx = _import_onnx()
     if options.needs_onnxruntime:
-        _import_ort()
+        _import_ort(options.without_onnxruntime())
 
     step("loading the model")
     source = _load_source(
