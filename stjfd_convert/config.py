@@ -58,7 +58,8 @@ class ConvertConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 flag = "--atoms" if name == "spatial_atoms" else "--temporal-atoms"
-                raise ConfigError(f"{flag} must be a positive number of atoms, got {value}", f"e.g. {flag} 6")
+                example = "e.g. --atoms 6" if flag == "--atoms" else "e.g. --temporal-atoms 2 (at most a kernel's taps, 3 for 3×3×3)"
+                raise ConfigError(f"{flag} must be a positive number of atoms, got {value}", example)
         policies = [
             name
             for name, active in (

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import __version__
 from .atomic import atomic_directory, give_default_mode
-from .errors import ConfigError, ConvertedModelError, StjfdError
+from .errors import ArchitectureError, ConfigError, ConvertedModelError, StjfdError
 from .formats import CONVERTED_FORMAT, MANIFEST_FILE, PICKLE_FILE, WEIGHTS_FILE
 from .convert import replace_modules
 from .layers import DecomposedConv3d
@@ -206,7 +206,22 @@ def rebuild_skeleton(
                 "if you trust it, pass --trust-pickle",
             )
         return torch.load(directory / PICKLE_FILE, map_location="cpu", weights_only=False)
-    net = build_model(spec)
+    try:
+        net = build_model(spec)
+    except ArchitectureError as exc:
+        missing = getattr(exc, "missing", None)
+        if model is not None or missing is None:
+            raise
+        where = f"{directory}/{MANIFEST_FILE}" if directory is not None else "the manifest"
+        hint = (
+            "put the file back at that path (the manifest records it), or convert the checkpoint again"
+            if missing.startswith("file")
+            else "the builder's module must be importable: run from the folder it was converted in, or add that "
+            "folder to PYTHONPATH"
+        )
+        raise ConvertedModelError(
+            f"{where} names the builder {spec.name!r}, but its {missing} cannot be found from {Path.cwd()}", hint
+        ) from None
     replacements: dict[int, nn.Module] = {}
     for name, entry in manifest["layers"].items():
         try:

@@ -109,6 +109,7 @@ def convert_checkpoint(
                 **report.to_dict(),
                 "parity": parity_result.to_dict() if parity_result else None,
             },
+            extra=_known_classes(loaded.sha256),
         )
     return ConvertResult(
         report=report,
@@ -119,6 +120,26 @@ def convert_checkpoint(
         model=converted,
         seconds=time.perf_counter() - start,
     )
+
+
+def _known_classes(sha256: str | None) -> dict[str, Any]:
+    """``{"classes": [...], "normalization": {...}}`` for a checkpoint stjfd knows (the bundled sample model,
+    by its sha256), so that ``stjfd evaluate`` matches class folders to the outputs by name and export and
+    predict feed frames as it was trained (0..1, no mean/std); else ``{}``."""
+    from .errors import StjfdError
+    from .sample import sample_model_files
+
+    try:
+        info = sample_model_files().info
+    except (StjfdError, OSError, ValueError):
+        return {}
+    if not sha256 or info.get("sha256") != sha256 or not isinstance(info.get("classes"), list):
+        return {}
+    known: dict[str, Any] = {"classes": [str(name) for name in info["classes"]]}
+    norm = info.get("normalization")
+    if isinstance(norm, dict) and norm.get("mean") and norm.get("std"):
+        known["normalization"] = {"mean": list(norm["mean"]), "std": list(norm["std"])}
+    return known
 
 
 def _record_forms(model: nn.Module, report: ConversionReport, shape: Sequence[int], dtype: torch.dtype) -> None:

@@ -49,10 +49,12 @@ def _render_export(result: Any, as_json: bool) -> None:
         render.print_json(result.to_dict())
         return
     out = render.stdout
-    counts = ", ".join(f"{n} {form}" for form, n in sorted(result.form_counts.items())) or "no decomposed layers"
+    counts = ", ".join(f"{n} {form}" for form, n in sorted(result.form_counts.items()))
+    # Without decomposed layers the plan source says just that; once is enough.
+    forms = f"{counts}; {escape(result.plan_source)}" if counts else "no decomposed layers"
     written = escape(str(result.path)) if result.path else "[red]not kept[/]"
     out.print(
-        f"[bold]graph[/]: {written} — mode {result.mode} ({counts}; {escape(result.plan_source)}), "
+        f"[bold]graph[/]: {written} — mode {result.mode} ({forms}), "
         f"opset {result.opset}, {result.exporter} exporter"
         + (f", dynamic axes {','.join(result.dynamic_axes)}" if result.dynamic_axes else "")
         + (", fp16 weights" if result.fp16 else "")

@@ -381,6 +381,10 @@ def finetune(
         if main_rank:
             render.error_line(exc.message)
         raise typer.Exit(EXIT_TERMINATED if exc.signal_name == "SIGTERM" else EXIT_INTERRUPTED) from None
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (loading, a third Ctrl-C while stopping)
+        if main_rank:
+            render.error_line(ft.stopped_at_once(source if resume else output).message)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     if main_rank:
         _render_result(result, as_json)
 
@@ -411,14 +415,17 @@ def evaluate(
     clips_per_video: Optional[int] = typer.Option(None, "--clips", help="clips per video, logits averaged"),
     mean: Optional[str] = typer.Option(None, "--mean", help="R,G,B mean (default: as fine-tuned)"),
     std: Optional[str] = typer.Option(None, "--std", help="R,G,B std"),
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
-    workers: int = typer.Option(2, "--workers", min=0),
+    batch_size: int = typer.Option(8, "--batch-size"),
+    workers: int = typer.Option(2, "--workers"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     amp: bool = typer.Option(False, "--amp", help="mixed precision"),
     trust_pickle: TrustPickleOption = False,
     trust_code: TrustCodeOption = False,
     playback_speed: float = typer.Option(
         1.0, "--playback-speed", help="resample each clip's frames: 0.5 = videos slowed 2×, 2 = sped up 2×"
+    ),
+    labels: Optional[Path] = typer.Option(
+        None, "--labels", help="text file: the model's class names, one per output in order (matches folders by name)"
     ),
     as_json: JsonOption = False,
 ) -> None:
@@ -443,8 +450,10 @@ def evaluate(
             model_dir, data, clip_len=clip_len, size=_parse_size(size) if size else None, frame_stride=frame_stride,
             clips_per_video=clips_per_video, mean=_parse_triple("--mean", mean), std=_parse_triple("--std", std),
             batch_size=batch_size, workers=workers, device=device, amp=amp, trust_pickle=trust_pickle,
-            trust_code=trust_code, progress=progress, playback_speed=playback_speed,
+            trust_code=trust_code, progress=progress, playback_speed=playback_speed, labels=labels,
         )
+    if result.class_note and not as_json:
+        render.stderr.print(f"[dim]note:[/] {escape(result.class_note)}")
     if as_json:
         render.print_json({**result.to_dict(), "skipped": [{"path": p, "reason": r} for p, r in skipped]})
         return

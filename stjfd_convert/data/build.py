@@ -50,12 +50,14 @@ def build_datasets(
     probe: str = "metadata",
     probe_workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    check_classes: bool = False,
 ) -> tuple[ClipDataset, ClipDataset | None, list[str]]:
     """``(train_ds, val_ds, classes)`` from a dataset root (see :mod:`stjfd_convert.data` for the layouts).
 
     ``val_ds`` is ``None`` when the root has no ``val`` split and ``val_split`` is not given.
     Normalisation: explicit ``mean``/``std`` win over ``arch`` (whose pretrained statistics
-    :func:`normalization_for` looks up); with neither, frames are scaled to 0..1.
+    :func:`normalization_for` looks up); with neither, frames are scaled to 0..1. ``check_classes``
+    (fine-tuning a classifier) refuses fewer than two classes or a class without a readable training video.
     """
     root = Path(root)
     mean_, std_ = _resolve_normalization(mean, std, arch)
@@ -87,11 +89,36 @@ def build_datasets(
 
     options = dict(seed=seed, probe=probe, probe_workers=probe_workers, progress=progress)
     train_ds = ClipDataset(train_sources, classes, train_config, skipped=train_skips, name=str(train_entry), **options)
+    if check_classes:
+        _check_classes(train_ds, classes, train_entry)
     val_ds = None
     if val_sources is not None:
         val_name = str(val_entry) if val_entry is not None else f"{train_entry} (val_split={val_split})"
         val_ds = ClipDataset(val_sources, classes, val_config, skipped=val_skips, name=val_name, **options)
     return train_ds, val_ds, classes
+
+
+def _check_classes(train: ClipDataset, classes: Sequence[str], where: Path) -> None:
+    """A classifier needs two classes or more, each with a readable training video (an empty class folder
+    would be a class the model can never learn)."""
+    if len(classes) < 2:
+        raise DataError(
+            f"{where} has {'only one class' if classes else 'no classes'}"
+            + (f" ({classes[0]})" if classes else ""),
+            hint="fine-tuning a classifier needs at least two class folders (or labels)",
+        )
+    counts = [0] * len(classes)
+    for source in train.sources:
+        if 0 <= source.label < len(counts):
+            counts[source.label] += 1
+    empty = [name for name, n in zip(classes, counts) if n == 0]
+    if empty:
+        listed = ", ".join(empty[:3]) + (" …" if len(empty) > 3 else "")
+        raise DataError(
+            f"{'classes' if len(empty) > 1 else 'class'} {listed} in {where} {'have' if len(empty) > 1 else 'has'} "
+            "no readable training videos",
+            hint="add videos to those class folders, or remove the empty folders",
+        )
 
 
 def unlabeled_dataset(

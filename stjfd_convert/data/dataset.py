@@ -17,7 +17,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError
-from .decode import _decode_video, _probe, _read_errors, _read_frame_folder, _resize_frames, temporal_indices
+from .decode import (
+    _decode_video, _probe, _read_errors, _read_frame_folder, _resize_frames, describe_read_error, temporal_indices,
+)
 from .options import ClipConfig, DataError
 from .sources import VideoSource
 
@@ -30,10 +32,6 @@ MAX_CONSECUTIVE_FAILURES = 32
 def _remove_skip_dir(path: str, owner_pid: int) -> None:
     if os.getpid() == owner_pid:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split()) or "unknown error"
 
 
 class ClipDataset(Dataset):
@@ -93,7 +91,7 @@ class ClipDataset(Dataset):
             try:
                 return _probe(source, mode)
             except errors as exc:
-                return _one_line(exc)
+                return describe_read_error(exc, source.path)
 
         workers = workers if workers is not None else min(8, os.cpu_count() or 1)
         kept: list[VideoSource] = []
@@ -173,7 +171,7 @@ class ClipDataset(Dataset):
             try:
                 return self.load_clip(candidate, rng), self.sources[candidate].label
             except errors as exc:
-                reason = _one_line(exc)
+                reason = describe_read_error(exc, self.sources[candidate].path)
                 self._record_skip(candidate, reason)
         raise DataError(
             f"{self.name}: {tries} samples in a row, from {self.sources[index].path} on, cannot be read "

@@ -20,6 +20,12 @@ class _LoadFailure(Exception):
     """A sample that cannot be read; the message is the reason recorded in ``skipped``."""
 
 
+# The largest frame a video may declare (8K UHD is 7680×4320): a header claiming more is refused when the
+# dataset is indexed instead of decoded into gigabytes.
+MAX_FRAME_SIDE = 8192
+MAX_FRAME_PIXELS = MAX_FRAME_SIDE * MAX_FRAME_SIDE
+
+
 def _import_av() -> Any:
     try:
         import av
@@ -78,6 +84,18 @@ def _read_errors() -> tuple[type[BaseException], ...]:
     return errors
 
 
+def describe_read_error(exc: BaseException, path: Path) -> str:
+    """Why ``path`` could not be read, in one line: an empty file says so; an FFmpeg or OS error gives its
+    reason without the errno and the path (``[Errno 1094995529] … 'x.mp4'`` → ``Invalid data found …``)."""
+    try:
+        if path.is_file() and path.stat().st_size == 0:
+            return "the file is empty (0 bytes)"
+    except OSError:
+        pass
+    text = getattr(exc, "strerror", None) or str(exc)
+    return " ".join(str(text).split()) or type(exc).__name__
+
+
 def _target_size(height: int, width: int, config: ClipConfig) -> tuple[int, int]:
     """(height, width) after resizing so the short side is ``config.short_side`` and the crop fits."""
     crop_h, crop_w = config.size
@@ -116,9 +134,16 @@ def _open_video(path: Path) -> tuple[Any, Any]:
     if torch.utils.data.get_worker_info() is not None:
         # DataLoader workers already use the cores; FFmpeg's own decoding threads would oversubscribe them.
         stream.codec_context.thread_count = 1
-    if not stream.codec_context.width or not stream.codec_context.height:
+    width, height = stream.codec_context.width, stream.codec_context.height
+    if not width or not height:
         container.close()
         raise _LoadFailure("video stream has no frame size")
+    if width * height > MAX_FRAME_PIXELS:
+        container.close()
+        raise _LoadFailure(
+            f"its stream declares {width}×{height} frames, more than the {MAX_FRAME_SIDE}×{MAX_FRAME_SIDE} pixels "
+            "stjfd decodes (a damaged or hostile header; one such frame would need gigabytes)"
+        )
     return container, stream
 
 

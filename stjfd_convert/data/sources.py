@@ -67,9 +67,19 @@ def _has_frames(directory: Path) -> bool:
         return False
 
 
-def _walk_samples(directory: Path, label: int) -> list[VideoSource]:
-    """Videos and frame folders under ``directory`` (recursively), in a stable natural order."""
+def _walk_samples(
+    directory: Path, label: int, seen: set[str] | None = None, root: Path | None = None
+) -> list[VideoSource]:
+    """Videos and frame folders under ``directory`` (recursively), in a stable natural order.
+
+    Each real folder is walked once (``seen``: a symlink loop or a second link to a folder adds nothing), and
+    a linked folder that lies inside ``root`` (the split, walked anyway) is skipped: a link to another class
+    would otherwise give its videos this class's label.
+    """
     found: list[VideoSource] = []
+    seen = set() if seen is None else seen
+    root_real = os.path.realpath(root if root is not None else directory)
+    seen.add(os.path.realpath(directory))
     try:
         children = sorted(directory.iterdir(), key=lambda p: natural_key(p.name))
     except OSError:
@@ -78,10 +88,14 @@ def _walk_samples(directory: Path, label: int) -> list[VideoSource]:
         if child.name.startswith("."):
             continue
         if child.is_dir():
+            real = os.path.realpath(child)
+            if real in seen or (child.is_symlink() and (real + os.sep).startswith(root_real + os.sep)):
+                continue
             if _has_frames(child):
+                seen.add(real)
                 found.append(VideoSource(child, label, "frames"))
             else:
-                found.extend(_walk_samples(child, label))
+                found.extend(_walk_samples(child, label, seen, root if root is not None else directory))
         elif _is_video(child):
             found.append(VideoSource(child, label, "video"))
     return found
@@ -182,13 +196,14 @@ def find_sources(
         classes = [p.name for p in class_dirs]
     index = {name: i for i, name in enumerate(classes)}
     sources: list[VideoSource] = []
+    seen: set[str] = set()
     for class_dir in class_dirs:
         if class_dir.name not in index:
             raise DataError(
                 f"class folder {class_dir} is not one of the training classes",
                 hint="val/ must use the class folder names of train/",
             )
-        sources.extend(_walk_samples(class_dir, index[class_dir.name]))
+        sources.extend(_walk_samples(class_dir, index[class_dir.name], seen, split))
     if not sources:
         loose = [p.name for p in split.iterdir() if _is_video(p)][:3]
         detail = f" (videos directly in it, e.g. {', '.join(loose)}, have no class)" if loose else ""

@@ -66,13 +66,14 @@ def _import_onnx() -> Any:
     return onnx
 
 
-def _import_ort() -> Any:
+def _import_ort(skip: str | None = None) -> Any:
+    """onnxruntime; ``skip`` names the flags that would do without it (the command's own, if any)."""
     try:
         import onnxruntime
     except ImportError:
         raise MissingDependencyError(
-            "validating and timing ONNX models needs onnxruntime, which is not installed",
-            f"{_ONNX_HINT}, or pass --no-validate --runs 0",
+            "running ONNX models (validating, timing, predicting) needs onnxruntime, which is not installed",
+            f"{_ONNX_HINT}" + (f", or {skip}" if skip else ""),
         ) from None
     return onnxruntime
 

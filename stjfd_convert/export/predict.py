@@ -83,11 +83,13 @@ def predict(
 
     playback_speed = check_playback_speed(playback_speed)
     if not model_path.is_file():
-        raise ConfigError(f"ONNX model {model_path} does not exist", "pass the file written by `stjfd export --onnx`")
+        what = "is a folder, not an .onnx file" if model_path.is_dir() else "does not exist"
+        raise ConfigError(f"ONNX model {model_path} {what}", "pass the file written by `stjfd export --onnx`")
     if not video.is_file():
-        raise ConfigError(f"video {video} does not exist", "pass a video file (.mp4, .avi, .mkv, …)")
+        what = "is a folder, not a video file" if video.is_dir() else "does not exist"
+        raise ConfigError(f"video {video} {what}", "pass a video file (.mp4, .avi, .mkv, …)")
     label_names = _read_labels(Path(labels)) if labels is not None else None
-    session = ort_session(model_path, threads)
+    session = ort_session(model_path, threads, hint="pass the .onnx file written by `stjfd export --onnx`")
     meta = dict(session.get_modelmeta().custom_metadata_map or {})
     shape = _clip_shape(session, meta, model_path)
     norm, source = _clip_normalization(meta, mean, std, model_path)
@@ -136,7 +138,9 @@ def _clip_normalization(
         norm = {"mean": _floats(meta[f"{META_PREFIX}mean"], "stored mean"), "std": _floats(meta[f"{META_PREFIX}std"], "stored std")}
         return norm, "ONNX metadata"
     raise ConfigError(
-        f"{model_path.name} records no normalisation (mean/std)", "pass --mean and --std, e.g. --mean 0.45,0.45,0.45 --std 0.225,0.225,0.225"
+        f"{model_path.name} records no normalisation (mean/std)",
+        "pass the --mean and --std the model was trained with: --mean 0,0,0 --std 1,1,1 for frames scaled to 0..1 "
+        "without normalisation, --mean 0.43,0.39,0.38 --std 0.23,0.22,0.22 for torchvision's Kinetics models"
     )
 
 

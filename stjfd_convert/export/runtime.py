@@ -46,9 +46,12 @@ PRUNE_FACTOR = 2.0
 # --------------------------------------------------------------------------------------------
 
 
-def ort_session(path: str | os.PathLike[str] | bytes, threads: int | None = None) -> Any:
+def ort_session(
+    path: str | os.PathLike[str] | bytes, threads: int | None = None, *, hint: str = "try another --opset"
+) -> Any:
     """An onnxruntime CPU session (``threads`` intra-op threads, else onnxruntime's default) on a
-    file, or on a serialized model given as ``bytes`` (the same options either way)."""
+    file, or on a serialized model given as ``bytes`` (the same options either way); ``hint`` goes with
+    the error when onnxruntime cannot load it."""
     ort = _import_ort()
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: shape-mismatch warnings would flood the terminal
@@ -60,7 +63,7 @@ def ort_session(path: str | os.PathLike[str] | bytes, threads: int | None = None
         return ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         name = "the in-memory graph" if isinstance(path, bytes) else Path(path).name
-        raise ExportError(f"onnxruntime cannot load {name}: {first_line(exc)[:300]}", "try another --opset") from None
+        raise ExportError(f"onnxruntime cannot load {name}: {first_line(exc)[:300]}", hint) from None
 
 
 def ort_latency(

@@ -69,7 +69,7 @@ The package, by what each part does (imports flow one way, top to bottom; nothin
 
 from __future__ import annotations
 
-from .checkpoint import ResumeError, TrainingInterrupted, load_training_state, read_run_config
+from .checkpoint import ResumeError, TrainingInterrupted, load_training_state, read_run_config, stopped_at_once
 from .config import FinetuneConfig
 from .distributed import ShardedShuffleSampler
 from .evaluation import evaluate, evaluate_folder, recalibrate_batchnorm
@@ -127,4 +127,5 @@ __all__ = [
     "recalibrate_batchnorm",
     "resume",
     "stage_plan",
+    "stopped_at_once",
 ]

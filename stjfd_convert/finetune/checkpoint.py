@@ -45,6 +45,21 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.signal_name = signal_name  # SIGINT, SIGTERM, or KeyboardInterrupt (raised by a callback)
 
 
+def stopped_at_once(run_dir: str | Path | None) -> TrainingInterrupted:
+    """A second Ctrl-C (or one outside the training loop) stops at once, without saving: say what is left
+    on disk and whether the run can be resumed."""
+    if run_dir is None:
+        return TrainingInterrupted("interrupted — nothing was saved (no run folder)", None, {}, "SIGINT")
+    run_dir = Path(run_dir)
+    last = run_dir / LAST_DIR
+    if (last / STATE_FILE).is_file():
+        message = (f"interrupted at once, without saving the current step; {last} from the previous checkpoint is "
+                   f"intact — resume with: stjfd finetune {run_dir} --resume")
+        return TrainingInterrupted(message, last, {}, "SIGINT")
+    message = f"interrupted before the first checkpoint of {run_dir}; nothing to resume — start the run again"
+    return TrainingInterrupted(message, None, {}, "SIGINT")
+
+
 @dataclass
 class _Position:
     """Where training stands: the next micro-batch to run is ``batch`` of ``epoch`` in stage ``stage``."""
@@ -174,6 +189,14 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     return data
 
 
+def _first_sentence(text: str, limit: int = 120) -> str:
+    """The first sentence of ``text``, cut at a word (with "…") if it is still longer than ``limit``."""
+    sentence = text.split(". ")[0].rstrip(".").strip() or text.strip()
+    if len(sentence) <= limit:
+        return sentence
+    return sentence[:limit].rsplit(" ", 1)[0] + " …"
+
+
 def load_training_state(run_dir: str | Path) -> dict[str, Any]:
     """``last/training_state.pt`` of a run, read with ``torch.load(weights_only=True)``."""
     path = Path(run_dir) / LAST_DIR / STATE_FILE
@@ -185,7 +208,13 @@ def load_training_state(run_dir: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a damaged file
-        raise ResumeError(f"{path} cannot be read: {first_line(exc)[:200]}", "start a new run") from None
+        reason = _first_sentence(first_line(exc))
+        if not any(c.isalpha() for c in reason):  # e.g. pickle's bare "101"
+            reason = f"{type(exc).__name__}: {reason}"
+        raise ResumeError(
+            f"{path} is damaged and cannot be read ({reason})",
+            f"the run cannot be resumed: start a new run (its {LAST_DIR}/ model can be fine-tuned further as is)",
+        ) from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ResumeError(f"{path} is not a stjfd training state", "start a new run")
     if int(state.get("version", 0)) > STATE_VERSION:

@@ -33,7 +33,14 @@ def _finite(name: str, value: Any, low: float, high: float = math.inf, *, closed
     ok = ok and low <= value and (value <= high if closed_high else value < high)
     if not ok:
         upper = "" if high == math.inf else (f", ≤ {high}" if closed_high else f", < {high}")
-        raise ConfigError(f"{name} must be a number ≥ {low}{upper}, got {value!r}")
+        example = _EXAMPLES.get(name)
+        raise ConfigError(f"{name} must be a number ≥ {low}{upper}, got {value!r}", f"e.g. {name} {example}" if example
+                          else "leave it out for the default")
+
+
+# An in-range value per option, for the hint of an out-of-range one.
+_EXAMPLES = {"--lr": "0.01", "--min-lr": "0", "--momentum": "0.9", "--weight-decay": "1e-4", "--warmup-epochs": "1",
+             "--lr-gamma": "0.1", "--label-smoothing": "0.1", "--grad-clip": "1.0"}
 
 
 @dataclass(frozen=True)

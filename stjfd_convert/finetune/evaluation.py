@@ -119,6 +119,12 @@ def _evaluate_batches(
                 with _autocast(device, autocast_dtype):
                     logits = _forward_clips(model, clips)
                 logits = logits.float()
+                if logits.ndim != 2 or logits.shape[1] != num_classes:
+                    raise ConfigError(
+                        f"the model gives {tuple(logits.shape[1:])} scores per clip but {num_classes} classes are "
+                        "evaluated",
+                        "evaluate on the classes the model was trained for (pass --labels FILE naming its outputs)",
+                    )
                 keep = labels >= 0
                 if keep.any():
                     logits, labels = logits[keep], labels[keep]
@@ -225,11 +231,17 @@ def evaluate_folder(
     trust_code: bool = False,
     progress: Callable[[int, int], None] | None = None,
     playback_speed: float = 1.0,
+    labels: str | Path | None = None,
 ) -> tuple[EvalResult, list[tuple[str, str]]]:
     """Evaluate a saved model folder (``runs/x/best``, or any converted model) on a labelled split.
 
-    Clip options default to those recorded by fine-tuning in the manifest; classes are the run's (else
-    the split's folder names). ``data`` is a split (class folders or list file), or a root holding ``val/``.
+    Clip options default to those recorded by fine-tuning in the manifest. Class folders (or list labels)
+    are matched to the model's outputs by name: the names come from ``labels`` (a file, one class name per
+    output line), else the run's (fine-tuning records them), else the manifest's ``classes`` (convert
+    records them for the bundled sample model); a folder that is not one of them is refused. A model that
+    records no names takes the folder names in sorted order as outputs 0, 1, … (``result.class_note`` says
+    so; more folders than outputs are refused). ``data`` is a split (class folders or list file), or a
+    root holding ``val/``.
     ``playback_speed`` resamples each clip's frames as if the videos played that many times as fast (0.5:
     slowed 2×; ``data.ClipConfig``) and is recorded in the result. Returns the result and the skipped
     (path, reason) pairs.
@@ -238,27 +250,134 @@ def evaluate_folder(
     from ..saved_model import load_converted
 
     playback_speed = check_playback_speed(playback_speed)
+    for flag, value, least in (("--clip-len", clip_len, 1), ("--frame-stride", frame_stride, 1),
+                               ("--clips", clips_per_video, 1), ("--batch-size", batch_size, 1),
+                               ("--workers", workers, 0)):
+        if value is not None and value < least:
+            raise ConfigError(f"{flag} must be ≥ {least}, got {value}", f"e.g. {flag} {max(least, 2)}")
     loaded = load_converted(model_dir, trust_pickle=trust_pickle, trust_code=trust_code)
     recorded = (loaded.manifest.get("finetune") or {}) if isinstance(loaded.manifest.get("finetune"), dict) else {}
-    classes = recorded.get("classes")
     config = _recorded_clip_config(
         model_dir, loaded, recorded.get("clip") or {}, clip_len=clip_len, size=size, frame_stride=frame_stride,
         clips_per_video=clips_per_video, mean=mean, std=std,
     )
     config = replace(config, playback_speed=playback_speed)
     split = Path(data)
+    classes, classes_from = _model_classes(loaded.manifest, labels)
     if split.is_dir() and (split / "val").is_dir() and not (classes and "val" in classes):
         split = split / "val"
+    outputs = _outputs(loaded.model)
+    classes, classes_from, note = _match_classes(split, classes, classes_from, outputs)
     sources, found_classes, skipped = find_sources(split, classes)
     if not sources:
         raise DataError(f"{split} has no videos to evaluate", "pass a folder of class folders or a list file")
+    if classes is None and split.is_file():
+        # A list file's labels: integers index the outputs, names are taken in sorted order.
+        classes_from = "list indices" if found_classes == [str(i) for i in range(len(found_classes))] else "assumed"
+        if outputs is not None and len(found_classes) > outputs:
+            raise ConfigError(
+                f"{split} has {len(found_classes)} classes but the model has {outputs} outputs",
+                "evaluate on the classes the model was trained for, or pass --labels FILE naming its outputs",
+            )
+        if classes_from == "assumed":
+            note = _assumed_note(found_classes, "the list file's class names")
+        found_classes = _padded(found_classes, outputs)
     dataset = ClipDataset(sources, found_classes, config, name=str(split))
     result = evaluate(
         loaded.model, dataset, classes=found_classes, batch_size=batch_size, workers=workers, device=device,
         amp=amp, progress=progress,
     )
     result.playback_speed = playback_speed
+    result.classes_from, result.class_note = classes_from, note
     return result, [(str(p), r) for p, r in dataset.skipped]
+
+
+_ORIGINS = {"labels": "the --labels file", "run": "the fine-tuning run", "manifest": "the model's manifest"}
+
+
+def _read_labels(path: str | Path) -> list[str]:
+    """Class names, one per line in output order (blank lines ignored)."""
+    path = Path(path)
+    hint = "pass a text file with one class name per line, in the order of the model's outputs"
+    if not path.is_file():
+        raise ConfigError(f"--labels {path} {'is a folder' if path.is_dir() else 'does not exist'}", hint)
+    try:
+        names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read --labels {path}: {exc.strerror or exc}", hint) from None
+    if not names:
+        raise ConfigError(f"--labels {path} names no classes", hint)
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"--labels {path} names {', '.join(map(repr, repeated[:3]))} more than once", hint)
+    return names
+
+
+def _model_classes(manifest: Mapping[str, Any], labels: str | Path | None) -> tuple[list[str] | None, str]:
+    """The model's class names in output order and where they come from (None, "assumed": unknown)."""
+    if labels is not None:
+        return _read_labels(labels), "labels"
+    recorded = manifest.get("finetune")
+    for names, origin in ((recorded.get("classes") if isinstance(recorded, dict) else None, "run"),
+                          (manifest.get("classes"), "manifest")):
+        if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+            return list(names), origin
+    return None, "assumed"
+
+
+def _outputs(model: nn.Module) -> int | None:
+    last = _last_linear(model)
+    return None if last is None else last[1].out_features
+
+
+def _padded(names: Sequence[str], outputs: int | None) -> list[str]:
+    """``names`` then a placeholder per output that no class maps to (so every prediction has a column)."""
+    return [*names, *(f"output {i}" for i in range(len(names), outputs or 0))]
+
+
+def _assumed_note(names: Sequence[str], what: str) -> str:
+    shown = ", ".join(f"{n}→{i}" for i, n in enumerate(names[:6])) + (", …" if len(names) > 6 else "")
+    return (f"the model records no class names, so {what} were taken in sorted order as its outputs ({shown}); "
+            "pass --labels FILE (one class name per output) to match them by name")
+
+
+def _match_classes(
+    split: Path, classes: list[str] | None, origin: str, outputs: int | None
+) -> tuple[list[str] | None, str, str | None]:
+    """``(classes for find_sources, where they came from, a note when the order is assumed)``; refuses class
+    folders that are not among the model's classes, or more of them than it has outputs."""
+    hint = "name the class folders after the model's classes, or pass --labels FILE naming its outputs in order"
+    if classes is not None:
+        if outputs is not None and len(classes) != outputs:
+            raise ConfigError(
+                f"{_ORIGINS[origin]} names {len(classes)} classes but the model has {outputs} outputs",
+                "pass --labels FILE with one class name per output, in output order",
+            )
+        if split.is_dir():
+            unknown = [p.name for p in sorted(split.iterdir()) if p.is_dir() and not p.name.startswith(".")
+                       and p.name not in classes]
+            if unknown:
+                known = ", ".join(classes[:6]) + (", …" if len(classes) > 6 else "")
+                raise ConfigError(
+                    f"class folder{'s' if len(unknown) > 1 else ''} {', '.join(unknown[:3])}"
+                    f"{' …' if len(unknown) > 3 else ''} in {split} {'are' if len(unknown) > 1 else 'is'} not among "
+                    f"the model's classes ({known}; from {_ORIGINS[origin]})", hint,
+                )
+        return classes, origin, None
+    if not split.is_dir():
+        return None, origin, None  # a list file (handled once read) or a missing path (find_sources says so)
+    folders = sorted(p.name for p in split.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        return None, origin, None
+    if all(name.isdigit() and str(int(name)) == name for name in folders):
+        count = max(int(name) for name in folders) + 1
+        if outputs is not None and count > outputs:
+            raise ConfigError(f"class folder {count - 1} in {split} is past the model's {outputs} outputs", hint)
+        note = "the model records no class names, so class folder N was taken as output N"
+        return [str(i) for i in range(max(count, outputs or 0))], "folder numbers", note
+    if outputs is not None and len(folders) > outputs:
+        raise ConfigError(f"{split} has {len(folders)} class folders but the model has {outputs} outputs", hint)
+    return _padded(folders, outputs), "assumed", _assumed_note(folders, "the class folders")
 
 
 def _recorded_clip_config(

@@ -57,6 +57,11 @@ class EvalResult:
     confusion: list[list[int]]  # [true][predicted]
     seconds: float = 0.0
     playback_speed: float = 1.0  # the clips' frames resampled as if played this many times as fast
+    # Where the class names (and so which output index each class is) came from: "given", "run" (fine-tuning
+    # recorded them), "manifest", "labels" (a --labels file), "list indices" or "assumed" (folder names in
+    # sorted order taken as output 0, 1, …: the model records no class names; ``class_note`` says so).
+    classes_from: str = "given"
+    class_note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -180,6 +180,7 @@ def _build_data(
         seed=seed,
         val_clips_per_video=int(data.get("val_clips_per_video", 1)),
         progress=progress,
+        check_classes=True,
     )
 
 

@@ -8,6 +8,8 @@ raises. Everything that writes runs on rank 0 only.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import shutil
 import time
@@ -19,7 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ..atomic import atomic_directory, atomic_file
+from ..atomic import _describe_os_error, atomic_directory, atomic_file
+from ..errors import OutputError
 from ..formats import BEST_DIR, CONFIG_FILE, CURVE_FILE, LAST_DIR, LOG_FILE, METRICS_FILE, RUN_FORMAT, STATE_FILE
 from ..models import ArchSpec
 from ..stages import disable_activation_checkpointing, enable_activation_checkpointing
@@ -86,15 +89,21 @@ class _RunFolder:
     def _write_record(self, record: Mapping[str, Any]) -> None:
         if self.run_dir is None or not self.dist.main:
             return
-        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(_clean(dict(record)), default=_json_default) + "\n")
+        try:
+            with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(_clean(dict(record)), default=_json_default) + "\n")
+        except OSError as exc:
+            raise self._write_failed(self.run_dir / METRICS_FILE, exc) from None
 
     def _log(self, text: str) -> None:
         if self.run_dir is None or not self.dist.main:
             return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        with open(self.run_dir / LOG_FILE, "a", encoding="utf-8") as handle:
-            handle.write(f"{stamp} {text}\n")
+        try:
+            with open(self.run_dir / LOG_FILE, "a", encoding="utf-8") as handle:
+                handle.write(f"{stamp} {text}\n")
+        except OSError as exc:
+            raise self._write_failed(self.run_dir / LOG_FILE, exc) from None
 
     def create_run_dir(self) -> None:
         if self.run_dir is None:
@@ -222,6 +231,8 @@ class _RunFolder:
                     write_converted_files(self.model, manifest, staging)
                     if state is not None:
                         torch.save(dict(state), staging / STATE_FILE)
+            except OSError as exc:  # a full disk, a quota, a folder made read-only: the old checkpoint stays
+                raise self._write_failed(target, exc) from None
             finally:
                 if wrapped:
                     enable_activation_checkpointing(self.model)
@@ -229,6 +240,23 @@ class _RunFolder:
         self.checkpoints_saved += 1
         self.emit(CheckpointSaved(kind, target, epoch))
         return target
+
+    def _write_failed(self, target: Path, exc: OSError) -> OutputError:
+        """The error for a checkpoint that could not be written: why, what is still on disk, how to go on."""
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        reason = f"the disk is full ({_describe_os_error(exc)})" if full else _describe_os_error(exc)
+        run_dir = self.run_dir or target.parent
+        fix = "free some space" if full else "make the run folder writable"
+        if (run_dir / LAST_DIR / STATE_FILE).is_file():
+            kept = f"{run_dir / LAST_DIR} from the previous checkpoint is intact"
+            hint = f"{fix}, then resume with: stjfd finetune {run_dir} --resume"
+        else:
+            kept, hint = "no checkpoint was saved yet", f"{fix}, then start the run again"
+        message = f"cannot save {target}: {reason}; {kept}"
+        with contextlib.suppress(OSError):  # run.log is on the same disk (not self._log: it lands here again)
+            with open(run_dir / LOG_FILE, "a", encoding="utf-8") as handle:
+                handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+        return OutputError(message, hint)
 
     # ---- the run folder's life ---------------------------------------------------------------------
 

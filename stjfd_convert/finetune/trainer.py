@@ -20,7 +20,9 @@ from ..errors import ConfigError
 from ..formats import BEST_DIR, LAST_DIR
 from ..models import ArchSpec
 from ..stages import disable_activation_checkpointing, enable_activation_checkpointing
-from .checkpoint import TrainingInterrupted, _Position, _rng_state, _seed_everything, _set_rng_state, _SignalFlag
+from .checkpoint import (
+    TrainingInterrupted, _Position, _rng_state, _seed_everything, _set_rng_state, _SignalFlag, stopped_at_once,
+)
 from .config import FinetuneConfig
 from .distributed import (
     ShardedShuffleSampler,
@@ -421,6 +423,9 @@ class _Trainer(_StageSetup):
             return self._run(start)
         except TrainingInterrupted:
             raise
+        except KeyboardInterrupt:  # a second Ctrl-C: stopped at once; last/ is whatever was saved before
+            self._remove_empty_run()
+            raise stopped_at_once(self.run_dir) from None
         except BaseException:
             self._remove_empty_run()
             raise

@@ -77,7 +77,9 @@ def model_source_paths(model: str | None) -> list[Path]:
 def _import_file(target: str, full_name: str) -> Any:
     path = Path(target).expanduser()
     if not path.is_file():
-        raise ArchitectureError(f"--model {full_name!r}: file {target} does not exist", hint=_MODEL_HINT)
+        error = ArchitectureError(f"--model {full_name!r}: file {target} does not exist", hint=_MODEL_HINT)
+        error.missing = f"file {target}"  # type: ignore[attr-defined]  # read by saved_model for a manifest's builder
+        raise error
     digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
     module_name = f"_stjfd_user_{re.sub(r'[^0-9A-Za-z_]', '_', path.stem)}_{digest}"
     if module_name in sys.modules:
@@ -105,10 +107,12 @@ def _import_target(target: str, full_name: str) -> Any:
         raise
     except ModuleNotFoundError as exc:
         if not _is_file_target(target) and exc.name and (target == exc.name or target.startswith(exc.name + ".")):
-            raise ArchitectureError(
+            error = ArchitectureError(
                 f"--model {full_name!r}: no module named {exc.name!r}",
                 hint=f"{_MODEL_HINT}; the module must be importable from the current directory",
-            ) from None
+            )
+            error.missing = f"module {exc.name!r}"  # type: ignore[attr-defined]  # see saved_model.rebuild_skeleton
+            raise error from None
         raise ArchitectureError(
             f"importing {target} for --model failed: ModuleNotFoundError: {exc}",
             hint="install the package it needs, or fix its imports",
