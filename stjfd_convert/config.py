@@ -172,3 +172,38 @@ class SwapConfig:
         data["include"] = list(self.include)
         data["exclude"] = list(self.exclude)
         return data
+
+
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
+
+def check_device(request: object, *, flag: str = "--device") -> str:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` (| ``mps``) → the device that will be used, as a string,
+    once it is known to exist here; anything else (``tpu``, ``cuda`` without a GPU, ``cuda:7`` on a
+    machine with two) is a ConfigError naming the flag, before any model is loaded."""
+    import torch
+
+    text = str(request).strip().lower()
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        raise ConfigError(f"unknown {flag} {request!r}", f"use {flag} auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"{flag} {request} was asked for, but no CUDA device is available on this machine",
+                f"use {flag} cpu (or auto), or run where a GPU and its driver are installed",
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigError(
+                f"{flag} {request}: this machine has {count} CUDA device(s), numbered from 0",
+                f"use {flag} cuda:0 … cuda:{count - 1}",
+            )
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(f"{flag} mps was asked for, but MPS is not available on this machine", f"use {flag} cpu")
+    return str(device)

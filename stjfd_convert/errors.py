@@ -71,6 +71,7 @@ class VerificationError(StjfdError):
 # where a tensor was expected, a user model's own assert). Every model-running path catches the same.
 MODEL_INPUT_ERRORS: tuple[type[BaseException], ...] = (
     RuntimeError, ValueError, TypeError, IndexError, KeyError, AssertionError, NotImplementedError,
+    AttributeError,  # e.g. `x.shape` in a forward given one tensor per pathway
 )
 
 

@@ -36,6 +36,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .errors import ConfigError, ModelError, first_line
+from .inputs import (
+    InputShape,
+    format_input_shape,
+    fresh,
+    input_shape_to_json,
+    input_tensors,
+    make_model_input,
+    meta_input,
+    normalize_input_shape,
+)
 from .parity import flatten_outputs
 from .stages import enable_activation_checkpointing, enable_stage_safe_pooling, set_trainable
 
@@ -107,7 +117,7 @@ class TrainingMemory:
     ``param_bytes``/``buffer_bytes``). ``total_bytes`` counts every storage once.
     """
 
-    input_shape: tuple[int, ...]
+    input_shape: InputShape
     stage: str
     optimizer: str
     checkpointing: bool
@@ -145,7 +155,7 @@ class TrainingMemory:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        data["input_shape"] = list(self.input_shape)
+        data["input_shape"] = input_shape_to_json(self.input_shape)
         data["saved_bytes"] = self.saved_bytes
         data["fixed_bytes"] = self.fixed_bytes
         return data
@@ -174,37 +184,48 @@ def _make_optimizer(name: str, params: list[nn.Parameter]) -> torch.optim.Optimi
     raise ConfigError(f"unknown optimizer {name!r}", f"use one of {', '.join(OPTIMIZERS)}")
 
 
-def _classify_error(exc: BaseException, shape: Sequence[int]) -> MeasurementError:
+def _classify_error(exc: BaseException, shape: InputShape, stage: str = "joint") -> MeasurementError:
     text = first_line(exc)
-    shape_text = "×".join(str(s) for s in shape)
+    shape_text = format_input_shape(shape)
     if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
         return MeasurementError(f"{shape_text}: out of memory", "use a smaller clip or batch", reason="out_of_memory")
+    if stage == "temporal":
+        hint = "the temporal stage's frames are downsampled by s: use a smaller -s (1 keeps full frames) or --schedule joint"
+    elif stage == "spatial":
+        hint = "the spatial stage's clips are downsampled by r: use a smaller -r (1 keeps every frame) or --schedule joint"
+    else:
+        hint = "use a larger --input-shape (the model may need a minimum clip length or frame size)"
+    where = f"the {stage} stage's " if stage != "joint" else "a "
     return MeasurementError(
-        f"the model cannot train on a {shape_text} clip: {text[:200]}",
-        "use a larger --input-shape (the model may need a minimum clip length or frame size)",
-        reason="too_small",
+        f"the model cannot train on {where}{shape_text} clip: {text[:200]}", hint, reason="too_small"
     )
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was requested but no CUDA device is available", "use --device cpu")
-    return device
+    from .config import check_device
+
+    if str(device) == "meta":  # sizes without arithmetic: the report's searches and sweeps
+        return torch.device("meta")
+    return torch.device(check_device(device))
 
 
-def _make_clip(shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> Tensor:
-    generator = torch.Generator().manual_seed(INPUT_SEED)
+def _make_clip(shape: InputShape, device: torch.device, dtype: torch.dtype, container: str = "list") -> Any:
+    """The model input (one clip, or one per pathway) on ``device``: empty on meta, seeded N(0,1) elsewhere."""
     if device.type == "meta":
-        return torch.empty(tuple(shape), device=device, dtype=dtype)
-    return torch.randn(tuple(shape), generator=generator, dtype=dtype).to(device)
+        return meta_input(shape, dtype, container)
+    return make_model_input(shape, dtype, seed=INPUT_SEED, container=container, device=device)
+
+
+def _input_bytes(clip: Any) -> int:
+    return sum(_tensor_bytes(t) for t in input_tensors(clip))
 
 
 def measure_training_step(
     model: nn.Module,
-    input_shape: Sequence[int],
+    input_shape: InputShape | Sequence[int],
     *,
     stage: str = "joint",
+    container: str = "list",
     optimizer: str = "sgd",
     checkpointing: bool = False,
     device: str | torch.device = "cpu",
@@ -227,14 +248,14 @@ def measure_training_step(
     device = _resolve_device(device)
     if optimizer not in OPTIMIZERS:
         raise ConfigError(f"unknown optimizer {optimizer!r}", f"use one of {', '.join(OPTIMIZERS)}")
-    shape = tuple(int(s) for s in input_shape)
+    shape = normalize_input_shape(input_shape)
     work = copy.deepcopy(model).to(device).train()
     trainable = set_trainable(work, stage)
     adapted = enable_stage_safe_pooling(work) if stage != "joint" else set()
     blocks = enable_activation_checkpointing(work) if checkpointing else 0
     opt = _make_optimizer(optimizer, trainable)
     dtype = next((p.dtype for p in work.parameters() if p.is_floating_point()), torch.float32)
-    clip = _make_clip(shape, device, dtype)
+    clip = _make_clip(shape, device, dtype, container)
     loss_fn = loss_fn or default_loss
     params = list(work.parameters())
     buffers = [b for b in work.buffers()]
@@ -254,16 +275,16 @@ def measure_training_step(
         opt.zero_grad(set_to_none=True)
         if instrumented:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), derived:
-                loss = loss_fn(work(clip))
+                loss = loss_fn(work(fresh(clip)))
         else:
-            loss = loss_fn(work(clip))
+            loss = loss_fn(work(fresh(clip)))
         loss.backward()
         opt.step()
 
     try:
         one_step(instrumented=True)
     except (RuntimeError, ValueError, IndexError) as exc:
-        raise _classify_error(exc, shape) from None
+        raise _classify_error(exc, shape, stage) from None
 
     activation = sum(n for n, weight in saved.values() if not weight)
     weight = sum(n for n, is_weight in saved.values() if is_weight)
@@ -289,7 +310,7 @@ def measure_training_step(
             try:
                 one_step(instrumented=False)
             except (RuntimeError, ValueError) as exc:
-                raise _classify_error(exc, shape) from None
+                raise _classify_error(exc, shape, stage) from None
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
                 if index == 0:
@@ -366,17 +387,18 @@ class _LiveTensors(TorchDispatchMode):
 class InferenceMemory:
     """Peak bytes of live tensors during one no-grad forward (parameters excluded, input included)."""
 
-    input_shape: tuple[int, ...]
+    input_shape: InputShape
     peak_bytes: int
     input_bytes: int
     device: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "input_shape": list(self.input_shape)}
+        return {**asdict(self), "input_shape": input_shape_to_json(self.input_shape)}
 
 
 def measure_inference_peak(
-    model: nn.Module, input_shape: Sequence[int], *, device: str | torch.device = "cpu"
+    model: nn.Module, input_shape: InputShape | Sequence[int], *, device: str | torch.device = "cpu",
+    container: str = "list",
 ) -> InferenceMemory:
     """Peak live activation bytes of an eval-mode, no-grad forward of a copy of ``model``.
 
@@ -384,23 +406,23 @@ def measure_inference_peak(
     excluded; the input clip is included.
     """
     device = _resolve_device(device)
-    shape = tuple(int(s) for s in input_shape)
+    shape = normalize_input_shape(input_shape)
     work = copy.deepcopy(model).to(device).eval()
     dtype = next((p.dtype for p in work.parameters() if p.is_floating_point()), torch.float32)
-    clip = _make_clip(shape, device, dtype)
-    excluded = {storage_key(t) for t in [*work.parameters(), *work.buffers(), clip]}
-    tracker = _LiveTensors(excluded, baseline=_tensor_bytes(clip))
+    clip = _make_clip(shape, device, dtype, container)
+    excluded = {storage_key(t) for t in [*work.parameters(), *work.buffers(), *input_tensors(clip)]}
+    tracker = _LiveTensors(excluded, baseline=_input_bytes(clip))
     try:
         with torch.no_grad():
             # Warm-up: layers cache the weights they derive from their parameters (e.g. the fused W);
             # those are weights, not activations, and exist before the measured forward starts.
-            work(clip)
+            work(fresh(clip))
             with tracker:
-                output = work(clip)
+                output = work(fresh(clip))
                 del output
     except (RuntimeError, ValueError, IndexError) as exc:
         raise _classify_error(exc, shape) from None
-    return InferenceMemory(shape, tracker.peak, _tensor_bytes(clip), str(device))
+    return InferenceMemory(shape, tracker.peak, _input_bytes(clip), str(device))
 
 
 # --------------------------------------------------------------------------------------------

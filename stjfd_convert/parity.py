@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import MODEL_INPUT_ERRORS, ConfigError, first_line
+from .inputs import InputShape, fresh, input_tensors, make_model_input, normalize_input_shape
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -85,7 +86,7 @@ class OutputDiff:
 
 @dataclass
 class ParityResult:
-    input_shape: tuple[int, ...]
+    input_shape: InputShape  # one clip's shape, or one per pathway
     input_dtype: str
     outputs: list[OutputDiff] = field(default_factory=list)
     top1_agree: int | None = None  # clips whose argmax agrees (classifier-like outputs only)
@@ -106,29 +107,103 @@ class ParityResult:
         return data
 
 
-def run_model(model: nn.Module, x: Tensor) -> Any:
-    """Forward in eval/no-grad; a failure becomes a ConfigError that points at --input-shape."""
+def describe_input(x: Any) -> str:
+    """``1×3×16×112×112 float32`` for a tensor; pathways joined by `` + `` for a list/tuple input."""
+    tensors = input_tensors(x)
+    shapes = " + ".join("×".join(map(str, t.shape)) for t in tensors)
+    return f"{shapes} {str(tensors[0].dtype).removeprefix('torch.')}" if tensors else "an empty input"
+
+
+# A forward keeps its input and several activations at least as large alive at once: an input needing more
+# than this share of the available memory cannot be run, and trying would only thrash or be killed.
+INPUT_MEMORY_SHARE = 1 / 4
+_SMALLER_SHAPE = "pass a smaller --input-shape (batch 1 and the clip the model takes, e.g. 1,3,16,112,112)"
+
+
+def available_memory() -> int | None:
+    """Bytes of memory still available to allocate here (``MemAvailable`` on Linux), None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import os
+
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_input_memory(shape: Any, dtype: torch.dtype = torch.float32) -> None:
+    """Refuse (before allocating it) an input that leaves no room to run a model on it: ``--input-shape
+    64,3,64,448,448`` is 9.8 GB of float32 before the first activation."""
+    shapes = tuple(shape) if shape and isinstance(shape[0], (tuple, list)) else (tuple(shape),)  # one per pathway
+    numel = 0
+    for one in shapes:
+        n = 1
+        for v in one:
+            n *= int(v)
+        numel += n
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    needed = numel * (4 + (itemsize if dtype != torch.float32 else 0))  # drawn in float32, then cast
+    available = available_memory()
+    if available is None or needed <= available * INPUT_MEMORY_SHARE:
+        return
+    text = "+".join(",".join(map(str, one)) for one in shapes)
+    raise ConfigError(
+        f"--input-shape {text}: the input alone takes {needed / 2**30:.1f} GiB and running a model on it several "
+        f"times that, but {available / 2**30:.1f} GiB of memory is available",
+        _SMALLER_SHAPE,
+    )
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def model_input_error(exc: BaseException, x: Any) -> ConfigError:
+    """The one line for a model that fails on the input it was given (every model-running path uses it)."""
+    first = first_line(exc)
+    if _out_of_memory(exc):
+        return ConfigError(f"the model ran out of memory on an input of {describe_input(x)}", _SMALLER_SHAPE)
+    hint = "pass the input the model expects with --input-shape (and --input-dtype)"
+    if not isinstance(x, (list, tuple)):
+        hint += "; a model with several inputs takes one shape per pathway, e.g. 1,3,8,224,224+1,3,32,224,224"
+    else:
+        hint += "; a model that takes one clip takes one shape (a repeated --input-shape means several pathways)"
+    return ConfigError(f"the model failed on an input of {describe_input(x)}: {first[:200]}", hint)
+
+
+def run_model(model: nn.Module, x: Any) -> Any:
+    """Forward in eval/no-grad on a fresh input container; a failure becomes a ConfigError that points at
+    --input-shape."""
     try:
         with torch.inference_mode():
-            return model(x)
+            return model(fresh(x))
     except MODEL_INPUT_ERRORS as exc:
-        first = first_line(exc)
-        raise ConfigError(
-            f"the model failed on an input of shape {tuple(x.shape)} ({x.dtype}): {first[:200]}",
-            "pass the input the model expects with --input-shape (and --input-dtype)",
-        ) from None
+        raise model_input_error(exc, x) from None
 
 
 def compare_models(
     reference: nn.Module,
     candidate: nn.Module,
-    input_shape: Sequence[int],
+    input_shape: InputShape | Sequence[int],
     input_dtype: torch.dtype = torch.float32,
     *,
     seed: int = 0,
+    container: str = "list",
 ) -> ParityResult:
-    """Run both models (eval mode) on one seeded input and compare every output tensor."""
-    x = make_input(input_shape, input_dtype, seed=seed)
+    """Run both models (eval mode) on one seeded input and compare every output tensor.
+
+    ``input_shape``: one clip's shape, or one per pathway (fed as a ``container``; see :mod:`inputs`).
+    """
+    input_shape = normalize_input_shape(input_shape)
+    check_input_memory(input_shape, input_dtype)
+    x = make_model_input(input_shape, input_dtype, seed=seed, container=container)
     was_training = (reference.training, candidate.training)
     reference.eval()
     candidate.eval()
@@ -138,7 +213,7 @@ def compare_models(
     finally:
         reference.train(was_training[0])
         candidate.train(was_training[1])
-    result = ParityResult(tuple(input_shape), str(input_dtype).removeprefix("torch."))
+    result = ParityResult(input_shape, str(input_dtype).removeprefix("torch."))
     for (name, a), (_, b) in zip(expected, actual):
         a64, b64 = a.detach().double(), b.detach().double()
         diff = (a64 - b64).abs()

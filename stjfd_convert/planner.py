@@ -24,7 +24,8 @@ from .errors import ConfigError
 from .functional.conv import ConvGeometry
 from .functional.cost import FORMS, DeviceCosts, cheapest_form, cost_features, form_cost, predict_seconds
 from .layers import DecomposedConv3d
-from .parity import make_input, run_model
+from .inputs import InputShape, input_shape_to_json, make_model_input, meta_input, normalize_input_shape
+from .parity import run_model
 from .saved_model import MANIFEST_FILE, read_manifest
 
 #: A non-fused form must be at least this much faster in measurement to replace fused (noise guard).
@@ -51,7 +52,7 @@ class LayerChoice:
 
 @dataclass
 class ExecutionPlan:
-    input_shape: tuple[int, ...]
+    input_shape: InputShape  # the model input: one clip's shape, or one per pathway
     device: str
     dtype: str
     measured: bool
@@ -79,9 +80,11 @@ def layer_plan_key(shape: Sequence[int], device: str, dtype: torch.dtype | str) 
 
 
 def trace_layer_inputs(
-    model: nn.Module, input_shape: Sequence[int], dtype: torch.dtype = torch.float32
+    model: nn.Module, input_shape: InputShape | Sequence[int], dtype: torch.dtype = torch.float32,
+    container: str = "list",
 ) -> dict[str, tuple[int, ...]]:
-    """Input shape [B, C, T, H, W] seen by every DecomposedConv3d for a model input of ``input_shape``.
+    """Input shape [B, C, T, H, W] seen by every DecomposedConv3d for a model input of ``input_shape``
+    (one clip, or one per pathway fed as a ``container``).
 
     Runs the model on the meta device (no compute) and falls back to a real CPU forward for models
     that meta tensors cannot run.
@@ -108,10 +111,10 @@ def trace_layer_inputs(
 
     try:
         meta_model = copy.deepcopy(model).to("meta")
-        run(meta_model, torch.empty(tuple(input_shape), dtype=dtype, device="meta"))
+        run(meta_model, meta_input(input_shape, dtype, container))
     except Exception:  # noqa: BLE001 - any meta failure means: trace for real
         shapes.clear()
-        run(model, make_input(input_shape, dtype))
+        run(model, make_model_input(normalize_input_shape(input_shape), dtype, container=container))
     return shapes
 
 
@@ -150,8 +153,9 @@ def choose_measured_form(measured: dict[str, float]) -> str:
 
 def plan_model(
     model: nn.Module,
-    input_shape: Sequence[int],
+    input_shape: InputShape | Sequence[int],
     *,
+    container: str = "list",
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     input_dtype: torch.dtype | None = None,
@@ -176,7 +180,8 @@ def plan_model(
     device_type = torch.device(device).type
     if device_type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA device is available", "use --device cpu")
-    shapes = trace_layer_inputs(model, input_shape, input_dtype or dtype)
+    input_shape = normalize_input_shape(input_shape)
+    shapes = trace_layer_inputs(model, input_shape, input_dtype or dtype, container)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, DecomposedConv3d)}
     choices = []
     for index, (name, shape) in enumerate(shapes.items(), start=1):
@@ -209,9 +214,7 @@ def plan_model(
         )
         if progress is not None:
             progress(index, len(shapes), name)
-    return ExecutionPlan(
-        tuple(input_shape), device_type, str(dtype).removeprefix("torch."), measure, choices
-    )
+    return ExecutionPlan(input_shape, device_type, str(dtype).removeprefix("torch."), measure, choices)
 
 
 def apply_plan(model: nn.Module, plan: ExecutionPlan, *, mode: str = "auto") -> nn.Module:
@@ -236,10 +239,10 @@ def save_plan(directory: str | Path, plan: ExecutionPlan) -> Path:
             raise ConfigError(f"plan layer {choice.name!r} is not in {directory}'s manifest")
         entry.setdefault("plan", {})[layer_plan_key(choice.input_shape, plan.device, plan.dtype)] = choice.form
         entry["mode"] = "auto"
-    plans = [p for p in manifest.get("plans", []) if p.get("input_shape") != list(plan.input_shape)
+    plans = [p for p in manifest.get("plans", []) if p.get("input_shape") != input_shape_to_json(plan.input_shape)
              or p.get("device") != plan.device or p.get("dtype") != plan.dtype]
     summary = {
-        "input_shape": list(plan.input_shape),
+        "input_shape": input_shape_to_json(plan.input_shape),
         "device": plan.device,
         "dtype": plan.dtype,
         "measured": plan.measured,

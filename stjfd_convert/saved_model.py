@@ -21,6 +21,7 @@ from . import __version__
 from .atomic import atomic_directory, give_default_mode
 from .errors import ArchitectureError, ConfigError, ConvertedModelError, StjfdError
 from .formats import CONVERTED_FORMAT, MANIFEST_FILE, PICKLE_FILE, WEIGHTS_FILE
+from .inputs import InputShape, input_record
 from .convert import replace_modules
 from .layers import DecomposedConv3d
 from .models import ArchSpec, build_model, is_trusted_builder
@@ -58,11 +59,13 @@ def build_manifest(
     *,
     source: str | Path | None = None,
     sha256: str | None = None,
-    input_shape: Sequence[int] | None = None,
+    input_shape: InputShape | Sequence[int] | None = None,
     input_dtype: str = "float32",
     command: str | None = None,
     conversion: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    input_container: str = "list",
+    pathway_strides: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """The JSON manifest for ``model`` (a converted model built from ``spec``)."""
     manifest: dict[str, Any] = {
@@ -71,7 +74,7 @@ def build_manifest(
         "architecture": spec.to_dict(),
         "layers": decomposed_layer_table(model),
         "source": {"path": str(source) if source is not None else None, "sha256": sha256},
-        "input": {"shape": list(input_shape) if input_shape else None, "dtype": input_dtype},
+        "input": input_record(input_shape, input_dtype, input_container, pathway_strides),
         "parameters": sum(p.numel() for p in model.parameters()),
         "versions": _versions(),
         "command": command,
@@ -287,4 +290,18 @@ def load_converted(
             f"(e.g. {', '.join((missing + unexpected)[:3])})",
             "re-run `stjfd convert`",
         )
+    _check_finite(net, weights)
     return ConvertedModel(net.to(device).eval(), manifest, directory)
+
+
+def _check_finite(net: nn.Module, weights: Path) -> None:
+    """A NaN or Inf in the loaded weights would give NaN outputs and a meaningless plan, report or export."""
+    for key, value in net.state_dict().items():
+        if not value.is_floating_point() or value.device.type == "meta" or bool(torch.isfinite(value).all()):
+            continue
+        kinds = " and ".join(k for k, bad in (("NaN", torch.isnan(value).any()), ("Inf", torch.isinf(value).any())) if bad)
+        raise ConvertedModelError(
+            f"{weights.name}: {key} holds {kinds} (in {weights.parent})",
+            "the folder is corrupt or its training diverged: reconvert the checkpoint with `stjfd convert` "
+            "(or use an earlier checkpoint of the run)",
+        )

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .errors import ConfigError
+from .inputs import InputShape, is_multi, map_pathways
 from .layers import DecomposedConv3d
 
 STAGES = ("joint", "temporal", "spatial")
@@ -54,14 +55,19 @@ def set_trainable(model: nn.Module, stage: str) -> list[nn.Parameter]:
 
 
 def stage_clip_shape(
-    shape: Sequence[int], stage: str, spatial_downsample: int = 2, temporal_downsample: int = 2
-) -> tuple[int, ...]:
+    shape: InputShape | Sequence[int], stage: str, spatial_downsample: int = 2, temporal_downsample: int = 2
+) -> InputShape:
     """The clip a stage trains on: [B, C, T, H/s, W/s] (temporal), [B, C, T/r, H, W] (spatial).
 
-    Sizes are floored and kept ≥ 1; ``joint`` returns ``shape`` unchanged.
+    Sizes are floored and kept ≥ 1; ``joint`` returns ``shape`` unchanged. A multi-pathway input has
+    every pathway downsampled alike.
     """
+    if is_multi(shape):
+        return map_pathways(
+            shape, lambda one: stage_clip_shape(one, stage, spatial_downsample, temporal_downsample)  # type: ignore[arg-type,return-value]
+        )
     check_stage(stage)
-    shape = tuple(int(v) for v in shape)
+    shape = tuple(int(v) for v in shape)  # type: ignore[union-attr]
     if len(shape) != 5 or any(v <= 0 for v in shape):
         raise ConfigError(f"clip shape {shape} is not [B, C, T, H, W] with positive sizes", "e.g. 1,3,16,112,112")
     if spatial_downsample < 1 or temporal_downsample < 1:

@@ -44,9 +44,10 @@ from .convert import replace_modules
 from .errors import ConfigError, ModelError, SwapError
 from .functional.conv import ConvGeometry
 from .functional.resample import resample_spatial_atoms, resample_temporal_atoms
+from .inputs import InputShape, format_input_shape, input_shape_to_json, make_model_input, recorded_input
 from .layers import DecomposedConv3d
 from .models import model_source_paths
-from .parity import make_input, parse_dtype, run_model
+from .parity import parse_dtype, run_model
 from .saved_model import load_converted, save_converted
 
 Padding = str | tuple[int, int, int]
@@ -306,7 +307,7 @@ class SwapResult:
     source: Path
     output: Path
     report: SwapReport
-    input_shape: tuple[int, ...] | None
+    input_shape: InputShape | None
     output_shape: tuple[int, ...] | None
     parameters_before: int
     parameters_after: int
@@ -318,7 +319,7 @@ class SwapResult:
             "source": str(self.source),
             "output": str(self.output),
             **self.report.to_dict(),
-            "input_shape": list(self.input_shape) if self.input_shape else None,
+            "input_shape": input_shape_to_json(self.input_shape),
             "output_shape": list(self.output_shape) if self.output_shape else None,
             "parameters_before": self.parameters_before,
             "parameters_after": self.parameters_after,
@@ -327,14 +328,14 @@ class SwapResult:
 
 
 def _check_output_shape(
-    before: nn.Module, after: nn.Module, shape: Sequence[int] | None, dtype: str
+    before: nn.Module, after: nn.Module, shape: InputShape | None, dtype: str, container: str = "list"
 ) -> tuple[int, ...] | None:
     """Run both models on a clip of ``shape``: the swap must leave the output shape (and finiteness) alone."""
     if not shape:
         return None
-    x = make_input(shape, parse_dtype(dtype))
+    x = make_model_input(shape, parse_dtype(dtype), container=container)
     reference = run_model(before, x)
-    clip = "×".join(map(str, shape))
+    clip = format_input_shape(shape)
     try:
         swapped = run_model(after, x)
     except ConfigError as exc:
@@ -389,10 +390,8 @@ def swap_folder(
     loaded = load_converted(source, trust_code=trust_code, trust_pickle=trust_pickle, model=model)
     swapped, report = swap_atoms(loaded.model, config)
     manifest = loaded.manifest
-    recorded_input = manifest.get("input") or {}
-    shape = recorded_input.get("shape")
-    dtype = recorded_input.get("dtype") or "float32"
-    output_shape = _check_output_shape(loaded.model, swapped, shape, dtype)
+    shape, dtype, container, strides = recorded_input(manifest)
+    output_shape = _check_output_shape(loaded.model, swapped, shape, dtype, container)
     notes = []
     extra = {k: v for k, v in manifest.items() if k not in _REGENERATED and k != "plans"}
     if manifest.get("plans"):
@@ -404,11 +403,12 @@ def swap_folder(
     save_converted(
         swapped, target, loaded.spec, overwrite=force, inputs=inputs,
         source=old_source.get("path"), sha256=old_source.get("sha256"), input_shape=shape, input_dtype=dtype,
-        command=command, conversion=manifest.get("conversion"), extra=extra,
+        input_container=container, pathway_strides=strides, command=command, conversion=manifest.get("conversion"),
+        extra=extra,
     )
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     return SwapResult(
-        source=source, output=Path(output), report=report, input_shape=tuple(shape) if shape else None,
+        source=source, output=Path(output), report=report, input_shape=shape,
         output_shape=output_shape, parameters_before=count(loaded.model), parameters_after=count(swapped),
         notes=notes, model=swapped,
     )

@@ -15,8 +15,9 @@ from .atomic import check_output
 from .config import ConvertConfig
 from .formats import DEMO_CONVERTED_DIR, DEMO_RUN_DIR
 from .convert import ConversionReport, ProgressCallback, convert_model
+from .inputs import InputShape, normalize_input_shape, recorded_input
 from .models import ArchSpec, default_input_shape, load_model, model_source_paths
-from .parity import ParityResult, compare_models, parse_dtype
+from .parity import ParityResult, check_input_memory, compare_models, parse_dtype
 from .saved_model import load_converted, save_converted
 
 
@@ -59,8 +60,10 @@ def convert_checkpoint(
     model_kwargs: Mapping[str, Any] | None = None,
     trust_pickle: bool = False,
     strict: bool = True,
-    input_shape: Sequence[int] | None = None,
+    input_shape: InputShape | Sequence[int] | None = None,
     input_dtype: str = "float32",
+    input_container: str = "list",
+    pathway_strides: Sequence[int] | None = None,
     parity: bool = True,
     save: bool = True,
     overwrite: bool = False,
@@ -74,6 +77,8 @@ def convert_checkpoint(
     """
     start = time.perf_counter()
     dtype = parse_dtype(input_dtype)
+    if input_shape:
+        check_input_memory(input_shape, dtype)  # a huge --input-shape is refused before any work
     target = None
     inputs = [*([checkpoint] if checkpoint is not None else []), *model_source_paths(model)]
     if save:
@@ -84,13 +89,13 @@ def convert_checkpoint(
     )
     original = loaded.model.eval()
     converted, report = convert_model(original, config, progress=progress)
-    shape = tuple(input_shape) if input_shape else default_input_shape(loaded.spec)
+    shape = normalize_input_shape(input_shape) if input_shape else default_input_shape(loaded.spec)
     notes = list(loaded.notes)
     parity_result = None
     if shape is not None:
-        _record_forms(converted, report, shape, dtype)
+        _record_forms(converted, report, shape, dtype, input_container)
     if parity and shape is not None:
-        parity_result = compare_models(original, converted, shape, dtype)
+        parity_result = compare_models(original, converted, shape, dtype, container=input_container)
     elif parity:
         notes.append("parity not checked: pass --input-shape (and --input-dtype) for this model")
     if save and target is not None:
@@ -104,6 +109,8 @@ def convert_checkpoint(
             sha256=loaded.sha256,
             input_shape=shape,
             input_dtype=input_dtype,
+            input_container=input_container,
+            pathway_strides=pathway_strides,
             command=command,
             conversion={
                 **report.to_dict(),
@@ -142,7 +149,9 @@ def _known_classes(sha256: str | None) -> dict[str, Any]:
     return known
 
 
-def _record_forms(model: nn.Module, report: ConversionReport, shape: Sequence[int], dtype: torch.dtype) -> None:
+def _record_forms(
+    model: nn.Module, report: ConversionReport, shape: InputShape, dtype: torch.dtype, container: str = "list"
+) -> None:
     """Fill each decomposed layer's ``form``: the planner's (cost-model) choice for ``shape``."""
     from .planner import plan_model
 
@@ -151,7 +160,7 @@ def _record_forms(model: nn.Module, report: ConversionReport, shape: Sequence[in
         for layer in fixed.values():
             layer.form = report.config.mode
         return
-    plan = plan_model(model, shape, input_dtype=dtype)
+    plan = plan_model(model, shape, input_dtype=dtype, container=container)
     for name, form in plan.modes.items():
         if name in fixed:
             fixed[name].form = form
@@ -159,7 +168,7 @@ def _record_forms(model: nn.Module, report: ConversionReport, shape: Sequence[in
 
 def plan_converted(
     directory: str | os.PathLike[str],
-    input_shape: Sequence[int] | None = None,
+    input_shape: InputShape | Sequence[int] | None = None,
     *,
     device: str = "cpu",
     repeats: int = 5,
@@ -172,13 +181,15 @@ def plan_converted(
 
     The plan is an update of stjfd's own manifest in the folder (written atomically), not a new output.
     """
+    from .config import check_device
     from .planner import plan_model, save_plan
 
+    device = check_device(device)  # `--device cuda` without a GPU, `--device tpu`: refused before loading
     loaded = load_converted(directory, trust_code=trust_code)
-    shape = tuple(input_shape) if input_shape else None
+    recorded, _, container, _ = recorded_input(loaded.manifest)
+    shape = normalize_input_shape(input_shape) if input_shape else None
     if shape is None:
-        recorded = loaded.manifest.get("input", {}).get("shape")
-        shape = tuple(recorded) if recorded else default_input_shape(loaded.spec)
+        shape = recorded or default_input_shape(loaded.spec)
     if shape is None:
         from .errors import ConfigError
 
@@ -186,7 +197,7 @@ def plan_converted(
     model = loaded.model.to(device)
     plan = plan_model(
         model, shape, device=device, input_dtype=parse_dtype(input_dtype), measure=True, repeats=repeats,
-        progress=progress,
+        progress=progress, container=container,
     )
     path = save_plan(directory, plan) if save else None
     return plan, path
@@ -210,7 +221,8 @@ def verify_reload(result: ConvertResult, input_dtype: str = "float32") -> Reload
     shape = result.parity.input_shape if result.parity else default_input_shape(result.spec)
     if shape is None:
         return ReloadCheck(result.output, True, 0.0)
-    check = compare_models(result.model, reloaded.model, shape, parse_dtype(input_dtype))
+    _, _, container, _ = recorded_input(reloaded.manifest)
+    check = compare_models(result.model, reloaded.model, shape, parse_dtype(input_dtype), container=container)
     return ReloadCheck(result.output, check.max_abs == 0.0, check.max_abs)
 
 

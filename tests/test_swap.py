@@ -554,9 +554,11 @@ def _expected_eval(folder: Path, split: Path, speed: float) -> Any:
     from stjfd_convert.data import ClipDataset, find_sources
     from stjfd_convert.finetune import evaluate
 
-    sources, classes, _ = find_sources(split)
+    loaded = load_converted(folder)
+    # evaluate matches class folders to the model's outputs by the class names its manifest records.
+    sources, classes, _ = find_sources(split, loaded.manifest.get("classes"))
     config = ClipConfig(clip_len=SAMPLE_SHAPE[2], size=SAMPLE_SHAPE[3:], playback_speed=speed)
-    return evaluate(load_converted(folder).model, ClipDataset(sources, classes, config), device="cpu")
+    return evaluate(loaded.model, ClipDataset(sources, classes, config), device="cpu")
 
 
 def test_cli_evaluate_playback_speed_on_generated_videos(sample_dir: Path, shape_videos: Path, tmp_path: Path) -> None:

@@ -8,9 +8,19 @@ from typing import Any, Optional
 import typer
 from rich.markup import escape
 
+from ..inputs import format_input_shape
 from . import render
 from .app import app, guarded
-from .options import ArchOption, JsonOption, ModelKwargsOption, ModelOption, TrustCodeOption, TrustPickleOption
+from .options import (
+    ArchOption,
+    InputShapeOption,
+    JsonOption,
+    ModelKwargsOption,
+    ModelOption,
+    TrustCodeOption,
+    TrustPickleOption,
+    input_shape_value,
+)
 from .render import FitTable as Table  # wraps rather than cuts on a narrow terminal
 
 
@@ -35,7 +45,7 @@ def _validation_table(validation: Any) -> Table:
         status = "[green]ok[/]" if check.ok else f"[red]{escape(check.problem or 'over atol')}[/]"
         table.add_row(
             str(check.clip),
-            "×".join(map(str, check.input_shape)),
+            format_input_shape(check.input_shape),
             escape(check.name),
             f"{check.max_abs:.3e}",
             f"{check.rel_diff:.3e}",
@@ -79,7 +89,7 @@ def _render_export(result: Any, as_json: bool) -> None:
     stats = result.stats
     files = " + ".join(escape(f) for f in stats.files)
     out.print(f"[bold]file size[/]: {_mb(stats.file_bytes)} ({files}); [bold]parameters[/]: {stats.parameters:,}")
-    shape = "×".join(map(str, result.latency_shape))
+    shape = format_input_shape(result.latency_shape)
     threads = f"{result.threads} threads" if result.threads else "default threads"
     if stats.latency_ms is not None:
         out.print(
@@ -132,7 +142,7 @@ def export(
     ),
     opset: int = typer.Option(17, help="ONNX opset (11 to the installed exporter's maximum)"),
     dynamic: Optional[str] = typer.Option(None, "--dynamic", help="dynamic input axes: any of batch,time,height,width"),
-    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="export/validation clip shape, e.g. 1,3,16,112,112"),
+    input_shape: InputShapeOption = None,
     fp16: bool = typer.Option(False, "--fp16", help="store weights in float16 (inputs and compute stay float32)"),
     atol: Optional[float] = typer.Option(None, "--atol", help="validation tolerance (default 1e-4; 1e-2 with --fp16)"),
     clips: int = typer.Option(3, "--clips", help="random clips to validate on"),
@@ -154,9 +164,8 @@ def export(
     """Export a model to ONNX and verify it: onnx.checker, onnxruntime vs PyTorch, size and latency."""
     from ..export import ExportValidationError, export_onnx
     from ..models import parse_model_kwargs
-    from ..parity import parse_shape
 
-    shape = parse_shape(input_shape) if input_shape else None
+    shape = input_shape_value(input_shape)
     try:
         result = export_onnx(
             source,
@@ -191,11 +200,13 @@ def export(
 
 
 def _render_prediction(prediction: Any, as_json: bool) -> None:
+    for warning in getattr(prediction, "warnings", ()):
+        render.stderr.print(f"[bold yellow]warning:[/] {escape(warning)}")
     if as_json:
         render.print_json(prediction.to_dict())
         return
     out = render.stdout
-    shape = "×".join(map(str, prediction.input_shape))
+    shape = format_input_shape(prediction.input_shape)
     if prediction.playback_speed != 1.0:
         shape += f" at playback speed {prediction.playback_speed:g}"
     out.print(
@@ -224,13 +235,17 @@ def predict(
     playback_speed: float = typer.Option(
         1.0, "--playback-speed", help="resample the clip's frames: 0.5 = video slowed 2×, 2 = sped up 2×"
     ),
+    pathway_strides: Optional[str] = typer.Option(
+        None, "--pathway-strides", help="a multi-input model: pathway i = every k_i-th frame (default: its metadata)"
+    ),
     as_json: JsonOption = False,
 ) -> None:
     """Classify the centre clip of a video with an exported ONNX model (onnxruntime, CPU)."""
     from ..export import predict as run_predict
+    from ..inputs import parse_pathway_strides
 
     prediction = run_predict(
         model, video, labels=labels, top_k=top_k, mean=_floats(mean, "--mean"), std=_floats(std, "--std"), threads=threads,
-        playback_speed=playback_speed,
+        playback_speed=playback_speed, pathway_strides=parse_pathway_strides(pathway_strides),
     )
     _render_prediction(prediction, as_json)

@@ -30,7 +30,7 @@ _TRAINING_OPTIONS = (
     "schedule", "cycles", "epochs_per_stage", "spatial_downsample", "temporal_downsample", "batch_size", "optimizer",
     "lr", "momentum", "weight_decay", "lr_schedule", "warmup_epochs", "lr_step_epochs", "lr_gamma", "label_smoothing",
     "grad_clip", "amp", "amp_dtype", "grad_accum", "checkpoint_activations", "device", "seed", "bn_recal_batches",
-    "log_every",
+    "log_every", "pathway_strides",
 )
 
 
@@ -313,6 +313,9 @@ def finetune(
         None, "--log-every", help="optimizer steps per metrics.jsonl step record (default 10)"
     ),
     no_plot: bool = typer.Option(False, "--no-plot", help="do not draw training_curve.png"),
+    pathway_strides: Optional[str] = typer.Option(
+        None, "--pathway-strides", help="a multi-pathway model: pathway i = every k_i-th frame, e.g. 4,1 (SlowFast)"
+    ),
     arch: ArchOption = None,
     model: ModelOption = None,
     model_kwargs: ModelKwargsOption = None,
@@ -324,6 +327,7 @@ def finetune(
     frozen) → spatial stage (clips downsampled by r, temporal atoms frozen), BN re-estimation and evaluation
     at full resolution; or --schedule joint (everything at full size)."""
     from .. import finetune as ft
+    from ..inputs import parse_pathway_strides
 
     given = {
         name: value for name, value in (
@@ -335,6 +339,7 @@ def finetune(
             ("grad_clip", grad_clip), ("amp", amp), ("amp_dtype", amp_dtype), ("grad_accum", grad_accum),
             ("checkpoint_activations", checkpoint_activations), ("device", device), ("seed", seed),
             ("bn_recal_batches", bn_recal_batches), ("log_every", log_every),
+            ("pathway_strides", parse_pathway_strides(pathway_strides)),
         ) if value is not None
     }
     main_rank = _is_main_rank()
@@ -454,6 +459,8 @@ def evaluate(
         )
     if result.class_note and not as_json:
         render.stderr.print(f"[dim]note:[/] {escape(result.class_note)}")
+    for warning in result.warnings:
+        render.stderr.print(f"[bold yellow]warning:[/] {escape(warning)}")
     if as_json:
         render.print_json({**result.to_dict(), "skipped": [{"path": p, "reason": r} for p, r in skipped]})
         return

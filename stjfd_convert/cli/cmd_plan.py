@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.markup import escape
 
+from ..inputs import format_input_shape
 from . import render
 from .app import app, guarded
-from .options import TrustCodeOption
+from .options import InputShapeOption, TrustCodeOption, input_shape_value
 from .render import FitTable as Table  # wraps rather than cuts on a narrow terminal
 
 
@@ -18,7 +18,7 @@ from .render import FitTable as Table  # wraps rather than cuts on a narrow term
 @guarded
 def plan(
     directory: Path = typer.Argument(..., help="converted-model folder (from stjfd convert)"),
-    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="e.g. 1,3,16,112,112 (default: manifest's)"),
+    input_shape: InputShapeOption = None,
     input_dtype: str = typer.Option("float32", "--input-dtype"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
     repeats: int = typer.Option(5, "--repeats", min=1, help="timed runs per form and layer (median)"),
@@ -27,10 +27,9 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
 ) -> None:
     """Time fused / factorized / sandwich / spatial_first / temporal_first per layer; keep the fastest."""
-    from ..parity import parse_shape
     from ..workflows import plan_converted
 
-    shape = parse_shape(input_shape) if input_shape else None
+    shape = input_shape_value(input_shape)
     with render.step_progress(not as_json and render.stderr.is_terminal, "measuring") as progress:
         result, path = plan_converted(
             directory, shape, device=device, repeats=repeats, input_dtype=input_dtype, save=not dry_run,
@@ -40,7 +39,7 @@ def plan(
         render.print_json({**result.to_dict(), "manifest": str(path) if path else None})
         return
     forms = list(result.layers[0].measured) if result.layers else []
-    table = Table(title=f"execution plan for {'×'.join(map(str, result.input_shape))} on {result.device}")
+    table = Table(title=f"execution plan for {format_input_shape(result.input_shape)} on {result.device}")
     table.add_column("layer")
     table.add_column("input")
     for form in forms:

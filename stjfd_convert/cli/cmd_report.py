@@ -11,9 +11,19 @@ from rich.markup import escape
 
 from ..config import ConvertConfig
 from ..errors import ConfigError
+from ..inputs import format_input_shape, pathway_shapes, primary_shape
 from . import render
 from .app import app, guarded
-from .options import ArchOption, ModelKwargsOption, ModelOption, NonStrictOption, TrustCodeOption, TrustPickleOption
+from .options import (
+    ArchOption,
+    InputShapeOption,
+    ModelKwargsOption,
+    ModelOption,
+    NonStrictOption,
+    TrustCodeOption,
+    TrustPickleOption,
+    input_shape_value,
+)
 from .render import FitTable as Table  # wraps rather than cuts on a narrow terminal
 
 MIB = 2**20
@@ -51,7 +61,7 @@ def _model_table(report: Any) -> Table:
     table.add_row("GMACs per clip", _gmacs(t.macs_original), _gmacs(t.macs_converted), f"{t.mac_ratio:.3f}")
     ratio = inf.converted.peak_bytes / max(1, inf.original.peak_bytes)
     table.add_row(
-        f"peak inference activations MiB (batch {report.input_shape[0]}, {inf.converted.device})",
+        f"peak inference activations MiB (batch {primary_shape(report.input_shape)[0]}, {inf.converted.device})",
         _mib(inf.original.peak_bytes), _mib(inf.converted.peak_bytes), f"{ratio:.3f}",
     )
     return table
@@ -96,7 +106,7 @@ def _layer_table(report: Any) -> Table:
 def _training_table(report: Any) -> Table:
     s = report.settings
     table = Table(
-        title=f"Training memory, MiB (batch {report.input_shape[0]}, {s['optimizer']}, s={s['spatial_downsample']}, "
+        title=f"Training memory, MiB (batch {primary_shape(report.input_shape)[0]}, {s['optimizer']}, s={s['spatial_downsample']}, "
         f"r={s['temporal_downsample']}, {s['device']})",
         header_style="bold",
     )
@@ -119,7 +129,7 @@ def _training_table(report: Any) -> Table:
             analytic = f"{_mib(entry.analytic_activation_bytes)} {entry.analytic_factor} (×{entry.analytic_ratio:.3f})"
         cells = [
             escape(entry.label),
-            "×".join(map(str, m.input_shape[2:])),
+            " + ".join("×".join(map(str, one[2:])) for one in pathway_shapes(m.input_shape)),
             f"{m.trainable_params:,}",
             _mib(m.saved_activation_bytes),
             analytic,
@@ -162,7 +172,7 @@ def _fits_table(fits: Any) -> Table:
 
 def _render(report: Any) -> None:
     out = render.stdout
-    out.print(f"[bold]report[/] {escape(report.source)} at {'×'.join(map(str, report.input_shape))} (B×C×T×H×W)")
+    out.print(f"[bold]report[/] {escape(report.source)} at {format_input_shape(report.input_shape)} (B×C×T×H×W)")
     out.print(_model_table(report))
     out.print(_form_table(report))
     out.print(_layer_table(report))
@@ -176,7 +186,7 @@ def _render(report: Any) -> None:
         if cross:
             same = "equal" if cross["meta_bytes"] == cross["cpu_bytes"] else "[red]differ[/]"
             out.print(
-                f"[dim]meta vs CPU at {'×'.join(map(str, cross['input_shape']))}: {cross['meta_bytes']:,} vs "
+                f"[dim]meta vs CPU at {format_input_shape(cross['input_shape'])}: {cross['meta_bytes']:,} vs "
                 f"{cross['cpu_bytes']:,} bytes ({same})[/]"
             )
     for note in report.notes:
@@ -197,7 +207,7 @@ def report(
     mode: Optional[str] = typer.Option(None, "--mode", help="execution mode of the decomposed layers to report"),
     trust_pickle: TrustPickleOption = False,
     non_strict: NonStrictOption = False,
-    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="B,C,T,H,W, e.g. 2,3,16,112,112"),
+    input_shape: InputShapeOption = None,
     spatial_downsample: int = typer.Option(2, "--spatial-downsample", "-s", help="temporal stage: frames H/s × W/s"),
     temporal_downsample: int = typer.Option(2, "--temporal-downsample", "-r", help="spatial stage: T/r frames"),
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (momentum) | adamw"),
@@ -218,7 +228,6 @@ def report(
     from ..atomic import check_output
     from ..layers import MODES, DecomposedConv3d
     from ..models import model_source_paths, parse_model_kwargs
-    from ..parity import parse_shape
     from ..report import (
         load_report_input,
         memory_report,
@@ -228,9 +237,11 @@ def report(
     )
 
     budget = parse_bytes(memory_budget) if memory_budget is not None else None
-    shape = parse_shape(input_shape) if input_shape else None
-    if shape is not None and len(shape) != 5:
-        raise ConfigError(f"--input-shape {input_shape!r} must have 5 entries B,C,T,H,W", "e.g. --input-shape 1,3,16,112,112")
+    shape = input_shape_value(input_shape)
+    if shape is not None:
+        from ..inputs import check_clip_shapes
+
+        check_clip_shapes(shape)
     if mode is not None and mode not in MODES:
         raise ConfigError(f"unknown --mode {mode!r}", f"use one of {', '.join(MODES)}")
     if device not in ("auto", "cpu", "cuda"):
@@ -260,7 +271,7 @@ def report(
             loaded.converted, shape, original=loaded.original, source=loaded.source,
             spatial_downsample=spatial_downsample, temporal_downsample=temporal_downsample, optimizer=optimizer,
             device=resolved_device, steps=steps, training=not no_training, memory_budget=budget, frame_size=size,
-            progress=progress,
+            progress=progress, container=loaded.container,
         )
     result.notes[:0] = loaded.notes
     if markdown_file is not None:

@@ -8,6 +8,7 @@ from typing import Any, List, Optional
 import typer
 from rich.markup import escape
 
+from ..inputs import format_input_shape
 from . import render
 from .app import app, command_line, guarded
 from .options import JsonOption, ModelOption, TrustCodeOption, TrustPickleOption
@@ -42,7 +43,7 @@ def _render_swap(result: Any) -> None:
         out.print(f"[dim]note:[/] {escape(note)}")
     if result.output_shape is not None:
         out.print(
-            f"[bold]check[/]: a {'×'.join(map(str, result.input_shape))} clip still gives "
+            f"[bold]check[/]: a {format_input_shape(result.input_shape)} clip still gives "
             f"{'×'.join(map(str, result.output_shape))} outputs"
         )
     out.print(

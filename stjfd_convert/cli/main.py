@@ -10,9 +10,19 @@ import typer
 from rich.markup import escape
 
 from ..config import ConvertConfig
+from ..inputs import check_container
 from . import render
 from .app import app, command_line, guarded
-from .options import ArchOption, JsonOption, ModelKwargsOption, ModelOption, NonStrictOption, TrustPickleOption
+from .options import (
+    ArchOption,
+    InputShapeOption,
+    JsonOption,
+    ModelKwargsOption,
+    ModelOption,
+    NonStrictOption,
+    TrustPickleOption,
+    input_shape_value,
+)
 
 
 def _render_convert(result: Any, as_json: bool) -> None:
@@ -30,6 +40,14 @@ def _render_convert(result: Any, as_json: bool) -> None:
         render.stderr.print(f"[bold yellow]warning:[/] {escape(warning)}")
     if result.output is not None:
         out.print(f"[bold green]saved[/] {escape(str(result.output))}/ (model.safetensors + model.stjfd.json)")
+
+
+def _strides_for(shape: Any, text: Optional[str]) -> Any:
+    """``--pathway-strides``: one stride per ``--input-shape`` pathway, whose lengths they must explain."""
+    from ..inputs import check_pathway_strides, parse_pathway_strides
+
+    strides = parse_pathway_strides(text)
+    return check_pathway_strides(shape, strides) if strides is not None else None
 
 
 @app.command()
@@ -59,15 +77,20 @@ def convert(
     model_kwargs: ModelKwargsOption = None,
     trust_pickle: TrustPickleOption = False,
     non_strict: NonStrictOption = False,
-    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="parity clip shape, e.g. 1,3,16,112,112"),
+    input_shape: InputShapeOption = None,
     input_dtype: str = typer.Option("float32", "--input-dtype", help="parity clip dtype (e.g. uint8)"),
+    input_container: str = typer.Option(
+        "list", "--input-container", help="how several --input-shape pathways are passed: list | tuple"
+    ),
+    pathway_strides: Optional[str] = typer.Option(
+        None, "--pathway-strides", help="record how each pathway is cut from one clip (every k-th frame), e.g. 4,1"
+    ),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="output folder (default <stem>-stjfd/)"),
     force: bool = typer.Option(False, "--force", help="replace an existing converted folder (never anything else)"),
     as_json: JsonOption = False,
 ) -> None:
     """Factorise every Conv3d of a model into temporal atoms, spatial atoms and joint coefficients."""
     from ..models import parse_model_kwargs
-    from ..parity import parse_shape
     from ..workflows import convert_checkpoint
 
     config = ConvertConfig(
@@ -83,7 +106,7 @@ def convert(
         mode=mode,
     )
     kwargs = parse_model_kwargs(model_kwargs)
-    shape = parse_shape(input_shape) if input_shape else None
+    shape = input_shape_value(input_shape)
     with render.layer_progress(not as_json and render.stderr.is_terminal) as progress:
         result = convert_checkpoint(
             checkpoint,
@@ -96,6 +119,8 @@ def convert(
             strict=not non_strict,
             input_shape=shape,
             input_dtype=input_dtype,
+            input_container=check_container(input_container),
+            pathway_strides=_strides_for(shape, pathway_strides),
             overwrite=force,
             command=command_line(),
             progress=progress,

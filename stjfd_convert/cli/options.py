@@ -2,49 +2,48 @@
 
 Each is an ``Annotated`` type for a command parameter (``arch: ArchOption = None``); typer reads the
 ``typer.Option`` from the annotation. Options whose meaning differs per command (``--force``, ``--mean``,
-``--input-shape``, ``--device``) stay with their command, where the help can say what they do there.
+``--device``) stay with their command, where the help can say what they do there.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, List, Optional
 
 import typer
 
 ArchOption = Annotated[
-    str | None,
-    typer.Option(
-        "--arch",
-        help="torchvision video model of a checkpoint (r3d_18, mc3_18, s3d, …)",
-    ),
+    Optional[str], typer.Option("--arch", help="torchvision video model of a checkpoint (r3d_18, mc3_18, s3d, …)")
 ]
 ModelOption = Annotated[
-    str | None,
-    typer.Option(
-        "--model",
-        help="user architecture of a checkpoint, module:callable or file.py:callable",
-    ),
+    Optional[str],
+    typer.Option("--model", help="user architecture of a checkpoint, module:callable or file.py:callable"),
 ]
 ModelKwargsOption = Annotated[
-    str | None,
-    typer.Option(
-        "--model-kwargs", help="JSON object of the architecture's constructor kwargs"
-    ),
+    Optional[str], typer.Option("--model-kwargs", help="JSON object of the architecture's constructor kwargs")
 ]
 TrustPickleOption = Annotated[
-    bool,
-    typer.Option(
-        "--trust-pickle",
-        help="allow checkpoints and architectures holding pickled objects",
-    ),
+    bool, typer.Option("--trust-pickle", help="allow checkpoints and architectures holding pickled objects")
 ]
 TrustCodeOption = Annotated[
-    bool,
+    bool, typer.Option("--trust-code", help="allow the model builder a folder's manifest names")
+]
+NonStrictOption = Annotated[bool, typer.Option("--non-strict", help="load what matches, report the rest")]
+JsonOption = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
+InputShapeOption = Annotated[
+    Optional[List[str]],
     typer.Option(
-        "--trust-code", help="allow the model builder a folder's manifest names"
+        "--input-shape",
+        metavar="B,C,T,H,W",
+        help="clip shape B,C,T,H,W, e.g. 1,3,16,112,112; a multi-pathway model: 1,3,8,224,224+1,3,32,224,224 "
+        "(or repeat the flag)",
     ),
 ]
-NonStrictOption = Annotated[
-    bool, typer.Option("--non-strict", help="load what matches, report the rest")
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
+
+
+def input_shape_value(values: Optional[List[str]]) -> Any:
+    """The parsed ``--input-shape`` (one shape, or one per pathway), or None when not given."""
+    if not values:
+        return None
+    from ..inputs import parse_input_shape
+
+    return parse_input_shape("+".join(values))

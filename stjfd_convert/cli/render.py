@@ -176,7 +176,9 @@ def totals_lines(report: ConversionReport) -> list[str]:
 def parity_line(parity: ParityResult | None) -> str:
     if parity is None:
         return "[bold]parity[/]: not checked"
-    shape = "×".join(str(s) for s in parity.input_shape)
+    from ..inputs import format_input_shape
+
+    shape = format_input_shape(parity.input_shape)
     text = (
         f"[bold]parity[/] on a fixed {shape} {parity.input_dtype} clip: max abs diff {parity.max_abs:.3e}, "
         f"relative L2 diff {parity.rel_l2:.3e}"

@@ -29,6 +29,11 @@ DEFAULT_CLIPS = 3
 DEFAULT_RUNS = 10
 DEFAULT_WARMUP = 3
 INPUT_NAME = "clip"
+
+
+def input_names(count: int) -> list[str]:
+    """ONNX input names: ``clip`` for one input, ``clip_0``, ``clip_1``, … for one per pathway."""
+    return [INPUT_NAME] if count == 1 else [f"{INPUT_NAME}_{i}" for i in range(count)]
 #: The ``device`` of execution plans measured in onnxruntime (CPU provider), as stored in manifests.
 ORT_DEVICE = "onnxruntime"
 LAYOUT = "NCTHW"

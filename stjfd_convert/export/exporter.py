@@ -21,7 +21,8 @@ from ..atomic import check_output, make_staging_dir
 from ..convert import densify
 from ..errors import ConfigError
 from ..models import model_source_paths
-from ..parity import flatten_outputs, make_input, run_model
+from ..inputs import InputShape, format_input_shape, make_model_input, normalize_input_shape, pathway_shapes
+from ..parity import flatten_outputs, run_model
 from .base import (
     DEFAULT_ATOL,
     DEFAULT_CLIPS,
@@ -146,16 +147,16 @@ def _check_options(
     )
 
 
-def _export_shape(source: _Source, input_shape: Sequence[int] | None, dynamic: Sequence[str]) -> tuple[int, ...]:
+def _export_shape(source: _Source, input_shape: InputShape | Sequence[int] | None, dynamic: Sequence[str]) -> InputShape:
     """``--input-shape``, else the shape the source records or its architecture's default."""
-    shape = tuple(int(s) for s in input_shape) if input_shape else source.input_shape
+    shape = normalize_input_shape(input_shape) if input_shape else source.input_shape
     if shape is None:
         raise ConfigError(
             "the export input shape is unknown for this model", "pass --input-shape, e.g. --input-shape 1,3,16,112,112"
         )
-    if len(shape) != 5 and dynamic:
+    if dynamic and any(len(one) != 5 for one in pathway_shapes(shape)):
         raise ConfigError(
-            f"--dynamic needs a 5-D input [batch, channels, time, height, width], got {'×'.join(map(str, shape))}",
+            f"--dynamic needs a 5-D input [batch, channels, time, height, width], got {format_input_shape(shape)}",
             "pass a 5-D --input-shape",
         )
     return shape
@@ -173,18 +174,19 @@ class _ChosenForms:
 
 
 def _choose_forms(
-    work: nn.Module, source: _Source, shape: tuple[int, ...], options: _Options, step: Callable[[str], None]
+    work: nn.Module, source: _Source, shape: InputShape, options: _Options, step: Callable[[str], None]
 ) -> _ChosenForms:
     """Set (in place) the form of every decomposed layer of ``work``: measured in onnxruntime now
     (``measure``; stored in a converted folder's manifest), else :func:`resolve_forms`."""
     if not (options.measure and _decomposed_layers(work)):
-        forms, plan_source = resolve_forms(work, options.mode, shape, source.manifest)
+        forms, plan_source = resolve_forms(work, options.mode, shape, source.manifest, source.container)
         return _ChosenForms(forms, plan_source)
     from ..planner import apply_plan, save_plan
 
     began = time.perf_counter()
     plan = plan_onnxruntime(
-        work, shape, repeats=options.measure_repeats, threads=options.threads, opset=options.opset,
+        work, shape, container=source.container, repeats=options.measure_repeats, threads=options.threads,
+        opset=options.opset,
         progress=lambda i, n, name: step(f"measured layer {i}/{n} ({name}) in onnxruntime"),
     )
     seconds = time.perf_counter() - began
@@ -198,7 +200,7 @@ def _choose_forms(
 def _metadata(
     source: _Source,
     forms: Mapping[str, str],
-    shape: Sequence[int],
+    shape: InputShape,
     options: _Options,
     normalization: Mapping[str, Sequence[float]] | None,
 ) -> dict[str, str]:
@@ -207,11 +209,15 @@ def _metadata(
         f"{META_PREFIX}version": __version__,
         f"{META_PREFIX}mode": options.mode,
         f"{META_PREFIX}forms": json.dumps(forms),
-        f"{META_PREFIX}input_shape": ",".join(map(str, shape)),
+        f"{META_PREFIX}input_shape": format_input_shape(shape, ",").replace(" + ", "+"),
         f"{META_PREFIX}layout": LAYOUT,
         f"{META_PREFIX}dynamic_axes": ",".join(options.dynamic),
         f"{META_PREFIX}fp16_weights": str(bool(options.fp16)).lower(),
     }
+    if len(pathway_shapes(shape)) > 1:
+        metadata[f"{META_PREFIX}input_container"] = source.container
+        if source.pathway_strides:
+            metadata[f"{META_PREFIX}pathway_strides"] = ",".join(map(str, source.pathway_strides))
     if source.spec is not None:
         metadata[f"{META_PREFIX}architecture"] = json.dumps(source.spec.to_dict())
     if normalization is not None:
@@ -252,7 +258,7 @@ def _write_and_check(
     work: nn.Module,
     source: _Source,
     staged: Path,
-    shape: tuple[int, ...],
+    shape: InputShape,
     options: _Options,
     chosen: _ChosenForms,
     normalization: dict[str, list[float]] | None,
@@ -260,7 +266,7 @@ def _write_and_check(
 ) -> tuple[ExportResult, list[Path]]:
     """Write ``work`` in its chosen forms to ``staged`` and check it; the result (no path yet) and
     the staged files."""
-    example = make_input(shape, torch.float32, seed=0)
+    example = make_model_input(shape, torch.float32, seed=0, container=source.container)
     # Every form is an exact reformulation of the dense conv (DESIGN.md §2), so the PyTorch reference
     # runs the dense model: the fastest form on CPU, and independent of the export modules under test.
     reference = densify(work)
@@ -319,7 +325,9 @@ def _validate_and_time(
     A failed validation skips the rest. The onnxruntime sessions end with this call, before any
     file is moved into place.
     """
-    shape = tuple(example.shape)
+    shape = normalize_input_shape(
+        tuple(tuple(t.shape) for t in example) if isinstance(example, (list, tuple)) else tuple(example.shape)
+    )
     session = None
     validation = None
     if options.validate:
@@ -327,6 +335,7 @@ def _validate_and_time(
         session = ort_session(staged, options.threads)
         validation = validate_onnx(
             staged, reference, validation_shapes(shape, options.dynamic, options.clips), atol=options.atol,
+            container="tuple" if isinstance(example, tuple) else "list",
             session=session, known={0: reference_outputs},  # clip 0 is the export example (seed 0)
         )
         if not validation.passed:
@@ -426,7 +435,8 @@ def export_onnx(
         trust_code=trust_code,
     )
     shape = _export_shape(source, input_shape, options.dynamic)
-    normalization = _normalization(source.spec, mean, std, source.manifest)
+    channels = {one[1] for one in pathway_shapes(shape) if len(one) == 5}
+    normalization = _normalization(source.spec, mean, std, source.manifest, channels.pop() if len(channels) == 1 else None)
     work = copy.deepcopy(source.model).eval()
     chosen = _choose_forms(work, source, shape, options, step)
     with _staging_dir(target) as staging:

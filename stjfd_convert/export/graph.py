@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..errors import first_line
-from .base import DYNAMIC_AXES, INPUT_NAME, ExportError, _import_onnx
+from ..inputs import fresh, input_tensors
+from .base import DYNAMIC_AXES, ExportError, _import_onnx, input_names
 from .results import GraphStats
 
 #: Protobuf's hard limit; above it (less a margin for the graph itself) weights go to an external file.
@@ -28,7 +29,7 @@ def _output_names(count: int) -> list[str]:
 
 def _torch_export(
     model: nn.Module,
-    example: Tensor,
+    example: Tensor | Sequence[Tensor],
     path: Path | BinaryIO,
     opset: int,
     dynamic: Sequence[str],
@@ -40,9 +41,12 @@ def _torch_export(
     """Trace ``model`` on ``example`` into ``path`` (a file, or an in-memory buffer) with the options
     every stjfd graph is written with; a failure is one ExportError naming ``what`` failed."""
     outputs = _output_names(n_outputs)
+    names = input_names(len(input_tensors(example)))
     axes: dict[str, dict[int, str]] = {}
     if dynamic:
-        axes[INPUT_NAME] = {DYNAMIC_AXES[name]: name for name in dynamic}
+        for index, input_name in enumerate(names):
+            suffix = "" if len(names) == 1 else f"_{index}"  # pathways may differ in length: one axis name each
+            axes[input_name] = {DYNAMIC_AXES[name]: name if name == "batch" else name + suffix for name in dynamic}
         if "batch" in dynamic:
             for name in outputs:
                 axes[name] = {0: "batch"}
@@ -52,11 +56,11 @@ def _torch_export(
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 model,
-                (example,),
+                (fresh(example),),
                 str(path) if isinstance(path, Path) else path,
                 dynamo=False,
                 opset_version=opset,
-                input_names=[INPUT_NAME],
+                input_names=names,
                 output_names=outputs,
                 dynamic_axes=axes or None,
                 do_constant_folding=True,  # the clean graph: Conv+BatchNorm fused, no shape arithmetic
@@ -169,7 +173,7 @@ def _graph_stats(onnx: Any, files: Sequence[Path]) -> GraphStats:
 
 def _write_graph(
     model: nn.Module,
-    example: Tensor,
+    example: Tensor | Sequence[Tensor],
     path: Path,
     *,
     opset: int,

@@ -19,6 +19,7 @@ from ..functional.conv import (
     spatial_first_weight,
     temporal_first_weight,
 )
+from ..inputs import InputShape, format_input_shape, input_shape_to_json, normalize_input_shape
 from ..layers import FORMS, DecomposedConv3d
 from .base import EXPORT_MODES, ORT_DEVICE
 
@@ -152,7 +153,7 @@ def _decomposed_layers(model: nn.Module) -> dict[str, DecomposedConv3d]:
     return {name: m for name, m in model.named_modules() if isinstance(m, DecomposedConv3d)}
 
 
-def _stored_plan(manifest: Mapping[str, Any] | None, input_shape: Sequence[int]) -> dict[str, Any] | None:
+def _stored_plan(manifest: Mapping[str, Any] | None, input_shape: InputShape) -> dict[str, Any] | None:
     """The manifest's float32 plan for this input shape: one measured in onnxruntime (the runtime
     the export is for) first, then CPU plans, measured ones before cost-model ones."""
     if not manifest:
@@ -161,7 +162,7 @@ def _stored_plan(manifest: Mapping[str, Any] | None, input_shape: Sequence[int])
         p
         for p in manifest.get("plans") or []
         if isinstance(p, dict)
-        and list(p.get("input_shape") or []) == list(input_shape)
+        and p.get("input_shape") == input_shape_to_json(input_shape)
         and p.get("device", "cpu") in (ORT_DEVICE, "cpu")
         and p.get("dtype", "float32") == "float32"
         and isinstance(p.get("forms"), dict)
@@ -171,7 +172,11 @@ def _stored_plan(manifest: Mapping[str, Any] | None, input_shape: Sequence[int])
 
 
 def resolve_forms(
-    model: nn.Module, mode: str, input_shape: Sequence[int], manifest: Mapping[str, Any] | None = None
+    model: nn.Module,
+    mode: str,
+    input_shape: InputShape | Sequence[int],
+    manifest: Mapping[str, Any] | None = None,
+    container: str = "list",
 ) -> tuple[dict[str, str], str]:
     """Set (in place) each DecomposedConv3d of ``model`` to a concrete form; returns the forms and their source.
 
@@ -190,6 +195,7 @@ def resolve_forms(
         for layer in layers.values():
             layer.mode = mode
         return {name: mode for name in layers}, f"--mode {mode}"
+    input_shape = normalize_input_shape(input_shape)
     stored = _stored_plan(manifest, input_shape)
     if stored is not None:
         forms = {name: stored["forms"].get(name, "fused") for name in layers}
@@ -202,11 +208,11 @@ def resolve_forms(
             kind = "onnxruntime-measured"
         else:
             kind = "measured" if stored.get("measured") else "cost-model"
-        return forms, f"stored {kind} plan for {'×'.join(map(str, input_shape))}"
+        return forms, f"stored {kind} plan for {format_input_shape(input_shape)}"
     from ..planner import apply_plan, layer_plan_key, plan_model, trace_layer_inputs
 
     # Plans held by the layers themselves (apply_plan(..., mode="auto") in memory), if they cover this input.
-    shapes = trace_layer_inputs(model, input_shape)
+    shapes = trace_layer_inputs(model, input_shape, container=container)
     held = {
         name: layer.plan.get(layer_plan_key(shapes[name], ORT_DEVICE, torch.float32))
         or layer.plan.get(layer_plan_key(shapes[name], "cpu", torch.float32))
@@ -218,7 +224,7 @@ def resolve_forms(
             layers[name].mode = form  # type: ignore[assignment]
         return _concrete_forms(layers), "the layers' own execution plan"
 
-    plan = plan_model(model, input_shape, measure=False)
+    plan = plan_model(model, input_shape, measure=False, container=container)
     apply_plan(model, plan, mode="fixed")
     return _concrete_forms(layers), "cost model (no stored plan for this shape)"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -30,6 +30,7 @@ class Prediction:
     num_classes: int
     seconds: float = 0.0
     playback_speed: float = 1.0
+    warnings: list[str] = field(default_factory=list)  # e.g. a video shorter than the clip (frames repeated)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -66,6 +67,7 @@ def predict(
     std: Sequence[float] | None = None,
     threads: int | None = None,
     playback_speed: float = 1.0,
+    pathway_strides: Sequence[int] | None = None,
 ) -> Prediction:
     """Classify the centre clip of ``video`` with an exported ONNX model (onnxruntime, CPU).
 
@@ -73,7 +75,9 @@ def predict(
     shape stored in its metadata); decoding is ``data.ClipDataset``'s evaluation path (centre clip,
     short side resized to 128/112 of the crop, centre crop). Mean/std come from ``mean``/``std`` or
     else from the metadata written at export time. ``playback_speed`` resamples the clip's frames as
-    if the video played that many times as fast (0.5: slowed 2×; ``data.ClipConfig``).
+    if the video played that many times as fast (0.5: slowed 2×; ``data.ClipConfig``). A model with one
+    input per pathway gets pathway i = every ``pathway_strides[i]``-th frame of one decoded clip (default:
+    the strides its metadata records, e.g. SlowFast's 4,1).
     """
     start = time.perf_counter()
     model_path, video = Path(model_path), Path(video)
@@ -91,21 +95,37 @@ def predict(
     label_names = _read_labels(Path(labels)) if labels is not None else None
     session = ort_session(model_path, threads, hint="pass the .onnx file written by `stjfd export --onnx`")
     meta = dict(session.get_modelmeta().custom_metadata_map or {})
-    shape = _clip_shape(session, meta, model_path)
-    norm, source = _clip_normalization(meta, mean, std, model_path)
-    logits = _logits(session, _centre_clip(video, shape, norm, playback_speed))
+    shapes = [_clip_shape(session, meta, model_path, index) for index in range(len(session.get_inputs()))]
+    strides = _pathway_strides(meta, pathway_strides, len(shapes), model_path)
+    clip_len = max(one[2] * stride for one, stride in zip(shapes, strides))
+    primary = max(shapes, key=lambda one: one[2] * one[3] * one[4])
+    shape = [primary[0], primary[1], clip_len, primary[3], primary[4]]
+    norm, source = _clip_normalization(meta, mean, std, model_path, channels=shape[1])
+    clip, num_frames, span = _centre_clip(video, shape, norm, playback_speed)
+    feeds = [clip[:, :, ::stride][:, :, : one[2]] for one, stride in zip(shapes, strides)]
+    logits = _logits(session, feeds)
     label_names = _class_names(meta, label_names, len(logits), labels)
     top = _top_classes(logits, top_k, label_names)
+    warnings = []
+    if num_frames is not None and num_frames < span:
+        warnings.append(
+            f"{video.name} has {num_frames} frame{'s' if num_frames != 1 else ''}, fewer than the {span} a clip of this "
+            f"model spans: its frames were repeated (looped) to fill the clip, so the prediction says little about "
+            "motion — use a longer video"
+        )
     return Prediction(
-        video, model_path, tuple(shape), norm, source, top, len(logits), time.perf_counter() - start, float(playback_speed)
+        video, model_path, tuple(shape), norm, source, top, len(logits), time.perf_counter() - start, float(playback_speed),
+        warnings,
     )
 
 
-def _clip_shape(session: Any, meta: Mapping[str, str], model_path: Path) -> list[int]:
-    """The [batch, 3, time, height, width] input to feed: the graph's fixed axes, batch 1 for a
+def _clip_shape(session: Any, meta: Mapping[str, str], model_path: Path, index: int = 0) -> list[int]:
+    """The [batch, 3, time, height, width] input ``index`` to feed: the graph's fixed axes, batch 1 for a
     dynamic batch, the export shape stored in the metadata for the other dynamic axes."""
-    graph_input = session.get_inputs()[0]
-    stored = _floats(meta.get(f"{META_PREFIX}input_shape", ""), "stored input shape") if meta.get(f"{META_PREFIX}input_shape") else []
+    graph_input = session.get_inputs()[index]
+    stored_text = meta.get(f"{META_PREFIX}input_shape", "")
+    pathways = stored_text.split("+") if stored_text else []
+    stored = _floats(pathways[index], "stored input shape") if index < len(pathways) else []
     dims = list(graph_input.shape)
     if len(dims) != 5:
         raise ConfigError(f"{model_path.name} takes a {len(dims)}-D input; predict needs [batch, 3, time, height, width]",
@@ -127,11 +147,12 @@ def _clip_shape(session: Any, meta: Mapping[str, str], model_path: Path) -> list
 
 
 def _clip_normalization(
-    meta: Mapping[str, str], mean: Sequence[float] | None, std: Sequence[float] | None, model_path: Path
+    meta: Mapping[str, str], mean: Sequence[float] | None, std: Sequence[float] | None, model_path: Path,
+    channels: int | None = None,
 ) -> tuple[dict[str, list[float]], str]:
     """Mean/std and where they came from: ``--mean``/``--std``, else the ONNX metadata."""
     if mean is not None or std is not None:
-        norm = _normalization(None, mean, std)
+        norm = _normalization(None, mean, std, channels=channels)
         assert norm is not None  # _normalization raises unless both are given
         return norm, "--mean/--std"
     if f"{META_PREFIX}mean" in meta and f"{META_PREFIX}std" in meta:
@@ -146,8 +167,9 @@ def _clip_normalization(
 
 def _centre_clip(
     video: Path, shape: Sequence[int], norm: Mapping[str, Sequence[float]], playback_speed: float = 1.0
-) -> np.ndarray:
-    """The centre clip of ``video`` as evaluation decodes it, float32 [batch, 3, T, H, W] (the clip repeated)."""
+) -> tuple[np.ndarray, int | None, int]:
+    """The centre clip of ``video`` as evaluation decodes it, float32 [batch, 3, T, H, W] (the clip repeated),
+    with the video's frame count (None if unknown) and the frames one clip spans."""
     from ..data import ClipConfig, ClipDataset, VideoSource
 
     batch, _, clip_len, height, width = shape
@@ -157,13 +179,37 @@ def _centre_clip(
     )
     dataset = ClipDataset([VideoSource(video, -1)], ["video"], config, probe="metadata", probe_workers=1, name=str(video))
     clip, _ = dataset[0]  # float32 [3, T, H, W]; DataError if it cannot be decoded
-    return clip.unsqueeze(0).expand(batch, -1, -1, -1, -1).contiguous().numpy()
+    batched = clip.unsqueeze(0).expand(batch, -1, -1, -1, -1).contiguous().numpy()
+    return batched, dataset.sources[0].num_frames, config.span
 
 
-def _logits(session: Any, x: np.ndarray) -> np.ndarray:
-    """The first output of the model for the first clip of ``x``, float64 [classes]."""
+def _pathway_strides(
+    meta: Mapping[str, str], given: Sequence[int] | None, inputs: int, model_path: Path
+) -> tuple[int, ...]:
+    """How each ONNX input is cut from the one decoded clip: ``given``, else the metadata's; (1,) for one input."""
+    if inputs == 1:
+        return (1,)
+    text = meta.get(f"{META_PREFIX}pathway_strides")
+    strides = tuple(int(s) for s in given) if given else (tuple(int(v) for v in text.split(",")) if text else None)
+    if strides is None:
+        raise ConfigError(
+            f"{model_path.name} takes {inputs} inputs (one per pathway) and records no pathway strides",
+            "pass --pathway-strides, e.g. 4,1 for SlowFast (slow pathway: every 4th frame)",
+        )
+    if len(strides) != inputs:
+        raise ConfigError(
+            f"--pathway-strides {','.join(map(str, strides))} gives {len(strides)} pathways; "
+            f"{model_path.name} takes {inputs}",
+            "give one stride per model input",
+        )
+    return strides
+
+
+def _logits(session: Any, feeds: Sequence[np.ndarray]) -> np.ndarray:
+    """The first output of the model for the first clip, float64 [classes]; ``feeds`` holds one array per input."""
+    x = feeds[0]
     try:
-        outputs = session.run(None, {session.get_inputs()[0].name: x})
+        outputs = session.run(None, {i.name: np.ascontiguousarray(f) for i, f in zip(session.get_inputs(), feeds)})
     except Exception as exc:  # onnxruntime errors
         raise ConfigError(
             f"onnxruntime failed on the clip: {first_line(exc)[:300]}", "check that the model was exported by stjfd"
@@ -182,10 +228,10 @@ def _class_names(
             stored_names = None
         if isinstance(stored_names, list) and len(stored_names) == num_classes:
             label_names = [str(name) for name in stored_names]
-    if label_names is not None and len(label_names) < num_classes:
+    if label_names is not None and len(label_names) != num_classes:
         raise ConfigError(
             f"{labels} has {len(label_names)} labels but the model has {num_classes} classes",
-            "give one label per line, in class-index order",
+            f"give exactly {num_classes} labels, one per line, in class-index order",
         )
     return label_names
 

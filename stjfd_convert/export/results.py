@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..inputs import format_input_shape, input_shape_to_json
+
 
 @dataclass
 class OutputCheck:
@@ -60,7 +62,7 @@ class ValidationReport:
         if self.passed:
             return head
         listed = "; ".join(
-            f"clip {c.clip} ({'×'.join(map(str, c.input_shape))}) {c.name}: "
+            f"clip {c.clip} ({format_input_shape(c.input_shape)}) {c.name}: "
             + (c.problem or f"max abs {c.max_abs:.3e} > {self.atol:.1e}")
             for c in self.mismatches
         )
@@ -72,7 +74,7 @@ class ValidationReport:
             "atol": self.atol,
             "max_abs": self.max_abs,
             "rel_diff": self.rel_diff,
-            "input_shapes": [list(s) for s in self.input_shapes],
+            "input_shapes": [input_shape_to_json(s) for s in self.input_shapes],
             "checks": [asdict(c) for c in self.checks],
             "mismatches": len(self.mismatches),
         }
@@ -151,14 +153,14 @@ class ExportResult:
             "plan_source": self.plan_source,
             "exporter": self.exporter,
             "opset": self.opset,
-            "input_shape": list(self.input_shape),
+            "input_shape": input_shape_to_json(self.input_shape),
             "dynamic_axes": list(self.dynamic_axes),
             "fp16": self.fp16,
             "external_data": self.external_data,
             "checker_passed": self.checker_passed,
             **{k: v for k, v in self.stats.to_dict().items()},
             "validation": self.validation.to_dict() if self.validation else None,
-            "latency_shape": list(self.latency_shape),
+            "latency_shape": input_shape_to_json(self.latency_shape),
             "threads": self.threads,
             "original": self.original.to_dict() if self.original else None,
             "ratios_to_original": self.ratios(),

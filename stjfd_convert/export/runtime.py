@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError, first_line
 from ..layers import FORMS
+from ..inputs import InputShape, input_tensors, make_model_input, normalize_input_shape
 from ..parity import make_input
 from .base import (
     DEFAULT_OPSET,
@@ -89,8 +90,9 @@ def ort_latency(
     return [_timed_run(session, feed) for _ in range(runs)]
 
 
-def _latency_feed(session: Any, input_shape: Sequence[int]) -> dict[str, np.ndarray]:
-    return {session.get_inputs()[0].name: make_input(input_shape, torch.float32, seed=7).numpy()}
+def _latency_feed(session: Any, input_shape: InputShape | Sequence[int]) -> dict[str, np.ndarray]:
+    x = make_model_input(normalize_input_shape(input_shape), torch.float32, seed=7)
+    return {i.name: t.numpy() for i, t in zip(session.get_inputs(), input_tensors(x))}
 
 
 def _timed_run(session: Any, feed: Mapping[str, np.ndarray]) -> float:
@@ -185,8 +187,9 @@ SessionTimer = Callable[[Mapping[str, Any], Sequence[int], int, int], dict[str, 
 
 def plan_onnxruntime(
     model: nn.Module,
-    input_shape: Sequence[int],
+    input_shape: InputShape | Sequence[int],
     *,
+    container: str = "list",
     forms: Sequence[str] = FORMS,
     repeats: int = DEFAULT_PLAN_REPEATS,
     warmup: int = 1,
@@ -225,7 +228,7 @@ def plan_onnxruntime(
     _import_onnx()
     _import_ort()
     forms = tuple(dict.fromkeys(("fused", *forms)))
-    shapes = trace_layer_inputs(model, input_shape)
+    shapes = trace_layer_inputs(model, input_shape, container=container)
     layers = _decomposed_layers(model)
     choices = []
     for index, (name, shape) in enumerate(shapes.items(), start=1):
@@ -250,4 +253,4 @@ def plan_onnxruntime(
         )
         if progress is not None:
             progress(index, len(shapes), name)
-    return ExecutionPlan(tuple(int(s) for s in input_shape), ORT_DEVICE, "float32", True, choices)
+    return ExecutionPlan(normalize_input_shape(input_shape), ORT_DEVICE, "float32", True, choices)

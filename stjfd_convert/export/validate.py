@@ -12,28 +12,32 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import first_line
-from ..parity import flatten_outputs, make_input, run_model
+from ..inputs import InputShape, input_tensors, make_model_input, map_pathways, normalize_input_shape
+from ..parity import flatten_outputs, run_model
 from .base import DEFAULT_ATOL, DYNAMIC_AXES
 from .results import OutputCheck, ValidationReport
 from .runtime import ort_session
 
 
-def validation_shapes(input_shape: Sequence[int], dynamic: Sequence[str], clips: int) -> list[tuple[int, ...]]:
-    """The base shape, then one shape per dynamic axis with that axis changed, then the base again."""
-    base = tuple(int(s) for s in input_shape)
+def validation_shapes(input_shape: InputShape | Sequence[int], dynamic: Sequence[str], clips: int) -> list[InputShape]:
+    """The base shape, then one shape per dynamic axis with that axis changed (in every pathway), then the
+    base again."""
+    base = normalize_input_shape(input_shape)
     shapes = [base]
     for name in dynamic:
         axis = DYNAMIC_AXES[name]
-        n = base[axis]
-        if name == "batch":
-            changed = n + 1
-        elif name == "time":
-            changed = n // 2 if n >= 8 else n * 2
-        else:
-            changed = n // 2 if n >= 32 else n * 2
-        shape = list(base)
-        shape[axis] = changed
-        shapes.append(tuple(shape))
+
+        def changed(one: tuple[int, ...], axis: int = axis, name: str = name) -> tuple[int, ...]:
+            n = one[axis]
+            if name == "batch":
+                new = n + 1
+            elif name == "time":
+                new = n // 2 if n >= 8 else n * 2
+            else:
+                new = n // 2 if n >= 32 else n * 2
+            return (*one[:axis], new, *one[axis + 1 :])
+
+        shapes.append(map_pathways(base, changed))
     while len(shapes) < clips:
         shapes.append(base)
     return shapes
@@ -42,25 +46,28 @@ def validation_shapes(input_shape: Sequence[int], dynamic: Sequence[str], clips:
 def validate_onnx(
     path: str | os.PathLike[str],
     reference: nn.Module,
-    shapes: Sequence[Sequence[int]],
+    shapes: Sequence[InputShape | Sequence[int]],
     *,
+    container: str = "list",
     atol: float = DEFAULT_ATOL,
     threads: int | None = None,
     session: Any = None,
     known: Mapping[int, list[tuple[str, Tensor]]] | None = None,
 ) -> ValidationReport:
-    """Run ``reference`` (PyTorch) and the ONNX file on clip ``i`` = ``make_input(shapes[i], seed=i)``
-    for each shape and compare every output. ``known`` holds PyTorch outputs already computed."""
+    """Run ``reference`` (PyTorch) and the ONNX file on clip ``i`` = ``make_model_input(shapes[i], seed=i)``
+    (one tensor per ONNX input for a multi-pathway model) for each shape and compare every output.
+    ``known`` holds PyTorch outputs already computed."""
     session = session or ort_session(Path(path), threads)
-    input_name = session.get_inputs()[0].name
+    names = [i.name for i in session.get_inputs()]
     report = ValidationReport(float(atol))
     reference.eval()
     known = known or {}
     for index, shape in enumerate(shapes):
-        x = make_input(shape, torch.float32, seed=index)
+        shape = normalize_input_shape(shape)
+        x = make_model_input(shape, torch.float32, seed=index, container=container)
         expected = known[index] if index in known else flatten_outputs(run_model(reference, x))
         try:
-            actual = session.run(None, {input_name: x.numpy()})
+            actual = session.run(None, {name: t.numpy() for name, t in zip(names, input_tensors(x))})
         except Exception as exc:  # onnxruntime.capi errors
             problem = f"onnxruntime failed: {first_line(exc)[:200]}"
             for name, ref in expected:

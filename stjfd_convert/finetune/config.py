@@ -88,8 +88,19 @@ class FinetuneConfig:
     log_every: int = 10
     measure_memory: bool = True
     plot: bool = True
+    # A multi-pathway model (SlowFast): pathway i = every pathway_strides[i]-th frame of each clip, passed
+    # as a list (or tuple); None feeds the clip as one tensor. See stjfd_convert.inputs.
+    pathway_strides: tuple[int, ...] | None = None
+    input_container: str = "list"
 
     def __post_init__(self) -> None:
+        if self.pathway_strides is not None:
+            from ..inputs import parse_pathway_strides
+
+            object.__setattr__(self, "pathway_strides", parse_pathway_strides(self.pathway_strides))
+        from ..inputs import check_container
+
+        check_container(self.input_container)
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}", f"use one of {', '.join(SCHEDULES)}")
         for name in ("cycles", "epochs_per_stage", "spatial_downsample", "temporal_downsample", "batch_size",
@@ -110,7 +121,7 @@ class FinetuneConfig:
         if self.amp_dtype not in AMP_DTYPES:
             raise ConfigError(f"unknown AMP dtype {self.amp_dtype!r}", f"use one of {', '.join(AMP_DTYPES)}")
         if not (self.device in DEVICES or self.device.startswith("cuda:")):
-            raise ConfigError(f"unknown device {self.device!r}", "use auto, cpu or cuda")
+            raise ConfigError(f"unknown --device {self.device!r}", "use --device auto, cpu, cuda or cuda:N")
         _finite("--lr", self.lr, 0.0)
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}", "e.g. --lr 0.01")

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from ..config import check_device
 from ..errors import ConfigError
+from ..inputs import attach_pathway_split, recorded_input
 from .checkpoint import _pretrained_normalization
 from .config import FinetuneConfig
 from .distributed import _amp_settings, _autocast, _current_dist, _Dist, _resolve_device, _ShardSampler
@@ -247,15 +249,19 @@ def evaluate_folder(
     (path, reason) pairs.
     """
     from ..data import ClipDataset, DataError, check_playback_speed, find_sources
+    from ..data.dataset import check_clip_fits
     from ..saved_model import load_converted
 
     playback_speed = check_playback_speed(playback_speed)
+    check_device(device)  # before the model and the data are loaded
     for flag, value, least in (("--clip-len", clip_len, 1), ("--frame-stride", frame_stride, 1),
                                ("--clips", clips_per_video, 1), ("--batch-size", batch_size, 1),
                                ("--workers", workers, 0)):
         if value is not None and value < least:
             raise ConfigError(f"{flag} must be ≥ {least}, got {value}", f"e.g. {flag} {max(least, 2)}")
     loaded = load_converted(model_dir, trust_pickle=trust_pickle, trust_code=trust_code)
+    _, _, container, strides = recorded_input(loaded.manifest)
+    attach_pathway_split(loaded.model, strides, container)  # a multi-pathway model: its pathways from each clip
     recorded = (loaded.manifest.get("finetune") or {}) if isinstance(loaded.manifest.get("finetune"), dict) else {}
     config = _recorded_clip_config(
         model_dir, loaded, recorded.get("clip") or {}, clip_len=clip_len, size=size, frame_stride=frame_stride,
@@ -283,11 +289,14 @@ def evaluate_folder(
             note = _assumed_note(found_classes, "the list file's class names")
         found_classes = _padded(found_classes, outputs)
     dataset = ClipDataset(sources, found_classes, config, name=str(split))
+    # Videos shorter than a clip (one-frame videos, or --clip-len 1000 on 32 frames) are looped, with a warning.
+    short_videos = check_clip_fits(dataset, refuse=False)
     result = evaluate(
         loaded.model, dataset, classes=found_classes, batch_size=batch_size, workers=workers, device=device,
         amp=amp, progress=progress,
     )
     result.playback_speed = playback_speed
+    result.warnings = [short_videos] if short_videos else []
     result.classes_from, result.class_note = classes_from, note
     return result, [(str(p), r) for p, r in dataset.skipped]
 

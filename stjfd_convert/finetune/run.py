@@ -13,7 +13,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..atomic import check_output
+from ..config import check_device
+from ..data.dataset import check_clip_fits
 from ..errors import ConfigError
+from ..inputs import attach_pathway_split, recorded_input
 from ..formats import CONFIG_FILE, LAST_DIR
 from ..models import ArchSpec
 from .checkpoint import ResumeError, _pretrained_normalization, load_training_state, read_run_config
@@ -56,6 +59,7 @@ def finetune(
     config = config or FinetuneConfig()
     if run_dir is not None and os.environ.get("RANK", "0") == "0":
         check_output(run_dir, "run", force=overwrite, inputs=inputs, datasets=datasets)
+    attach_pathway_split(model, config.pathway_strides, config.input_container)
     return _train(
         lambda dist: _Trainer(
             model, train_dataset, val_dataset, config, callbacks=callbacks, loss_fn=loss_fn, run_dir=run_dir,
@@ -152,6 +156,7 @@ def resume(
             "resume with the dataset the run was started on",
         )
     run_info = {k: v for k, v in info.items() if k not in ("format", "version", "finetune", "classes", "world_size")}
+    attach_pathway_split(loaded.model, config.pathway_strides, config.input_container)
     return _train(
         lambda dist: _Trainer(
             loaded.model.train(), train_dataset, val_dataset, config, callbacks=callbacks, loss_fn=loss_fn,
@@ -201,7 +206,11 @@ def _load_any_model(
         if arch:
             raise ConfigError(f"{source} is a converted-model folder; --arch does not apply", "drop it")
         loaded = load_converted(source, trust_pickle=trust_pickle, trust_code=trust_code, model=model)
-        return loaded.model, loaded.spec, {"source": str(source), "kind": "converted"}
+        _, _, container, strides = recorded_input(loaded.manifest)
+        info: dict[str, Any] = {"source": str(source), "kind": "converted"}
+        if strides:
+            info.update(pathway_strides=list(strides), input_container=container)
+        return loaded.model, loaded.spec, info
     if source.is_dir():
         raise ConfigError(
             f"{source} is a folder without a converted model (no model.stjfd.json)",
@@ -211,6 +220,27 @@ def _load_any_model(
         raise ConfigError(f"model {source} does not exist", "pass a converted-model folder or a checkpoint file")
     loaded = load_model(source, arch=arch, model=model, model_kwargs=model_kwargs, trust_pickle=trust_pickle)
     return loaded.model, loaded.spec, {"source": str(source), "kind": "checkpoint", "sha256": loaded.sha256}
+
+
+def _check_stage_clips(config: FinetuneConfig, clip_len: int, size: int | tuple[int, int]) -> None:
+    """The alternating schedule's stage clips must keep ≥ 2 frames (spatial stage: every r-th frame) and
+    ≥ 2 pixels a side (temporal stage: frames shrunk s×); -r 100 on 16-frame clips trains on single frames."""
+    if config.schedule != "alternating":
+        return
+    frames = -(-int(clip_len) // config.temporal_downsample)
+    if int(clip_len) >= 2 and frames < 2:
+        raise ConfigError(
+            f"--temporal-downsample {config.temporal_downsample} leaves the spatial stage {frames} frame of each "
+            f"{clip_len}-frame clip: that stage would train on still images",
+            f"use -r {int(clip_len) - 1} or less (e.g. -r 2), or --schedule joint",
+        )
+    side = min(size) if isinstance(size, (tuple, list)) else int(size)
+    if side >= 2 and side // config.spatial_downsample < 2:
+        raise ConfigError(
+            f"--spatial-downsample {config.spatial_downsample} shrinks the temporal stage's {side}-pixel frames to "
+            f"{max(1, side // config.spatial_downsample)} pixel",
+            f"use -s {max(1, side // 2)} or less (e.g. -s 2), or --schedule joint",
+        )
 
 
 def finetune_paths(
@@ -245,6 +275,8 @@ def finetune_paths(
     """
     from ..models import model_source_paths
 
+    check_device(config.device)  # before anything is loaded: `--device cuda` on a machine without a GPU
+    _check_stage_clips(config, clip_len, size)
     is_main = os.environ.get("RANK", "0") == "0"
     inputs, datasets = [model_source, *model_source_paths(model)], [data_root]
     if is_main:
@@ -253,6 +285,10 @@ def finetune_paths(
         model_source, arch=arch, model=model, model_kwargs=model_kwargs, trust_pickle=trust_pickle,
         trust_code=trust_code,
     )
+    if config.pathway_strides is None and source_info.get("pathway_strides"):
+        # The converted folder records how its pathways are cut from one clip (convert --pathway-strides).
+        config = replace(config, pathway_strides=tuple(source_info["pathway_strides"]),
+                         input_container=source_info.get("input_container", "list"))
     if mean is None and std is None:
         mean, std = _pretrained_normalization(spec) or (None, None)
     data = {
@@ -266,6 +302,9 @@ def finetune_paths(
         "val_clips_per_video": val_clips_per_video,
     }
     train_ds, val_ds, classes = _build_data(data, None, config.seed, progress)
+    for dataset in (train_ds, val_ds):
+        if dataset is not None:
+            check_clip_fits(dataset)  # --clip-len 1000 on 32-frame videos: refused, not trained on looped frames
     spec, note = adapt_classifier(net, spec, len(classes), seed=config.seed)
     info = {"data": data, "model": {**source_info, "spec": spec.to_dict()}, "command": command}
     result = finetune(

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 from ..atomic import _describe_os_error, atomic_directory, atomic_file
 from ..errors import OutputError
 from ..formats import BEST_DIR, CONFIG_FILE, CURVE_FILE, LAST_DIR, LOG_FILE, METRICS_FILE, RUN_FORMAT, STATE_FILE
+from ..inputs import pathway_input_shape
 from ..models import ArchSpec
 from ..stages import disable_activation_checkpointing, enable_activation_checkpointing
 from .checkpoint import (
@@ -215,9 +216,11 @@ class _RunFolder:
 
             spec = self.spec or ArchSpec("pickle", f"{type(self.model).__module__}.{type(self.model).__qualname__}")
             clip = _clip_description(self.val_dataset if self.val_dataset is not None else self.train_dataset)
-            shape = [1, 3, clip["clip_len"], *clip["size"]] if clip else None
+            strides = self.config.pathway_strides
+            shape = pathway_input_shape([1, 3, clip["clip_len"], *clip["size"]], strides) if clip else None
             manifest = build_manifest(
                 self.model, spec, input_shape=shape, command=self.run_info.get("command"),
+                input_container=self.config.input_container, pathway_strides=strides,
                 source=self.run_info.get("model", {}).get("source"),
                 extra={"finetune": {"run": str(self.run_dir), "epoch": epoch, "step": self.position.step,
                                     "classes": self.classes, "clip": clip, **_clean(dict(extra))},

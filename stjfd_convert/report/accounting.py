@@ -15,10 +15,12 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..errors import MODEL_INPUT_ERRORS, ConfigError, first_line
+from ..errors import MODEL_INPUT_ERRORS, ConfigError
 from ..functional.conv import ConvGeometry
+from ..inputs import InputShape, meta_input, normalize_input_shape, resize_input
 from ..functional.cost import form_cost
 from ..layers import FORMS, DecomposedConv3d
+from ..parity import model_input_error
 
 DTYPE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 MIB = 2**20
@@ -136,7 +138,7 @@ class ModelTotals(ParamBytes):
 
 
 def _record_inputs(
-    model: nn.Module, clip_shape: Sequence[int]
+    model: nn.Module, clip_shape: InputShape, container: str = "list"
 ) -> dict[int, list[tuple[tuple[int, ...], tuple[int, ...], str | None]]]:
     """(input shape, output shape, form) of every call of each Conv3d/DecomposedConv3d/Linear.
 
@@ -160,15 +162,12 @@ def _record_inputs(
         for twin in work.modules()
         if isinstance(twin, (nn.Conv3d, DecomposedConv3d, nn.Linear))
     ]
+    x = meta_input(clip_shape, torch.float32, container)
     try:
         with torch.no_grad():
-            work(torch.empty(tuple(clip_shape), device="meta"))
+            work(x)
     except MODEL_INPUT_ERRORS as exc:
-        first = first_line(exc)
-        raise ConfigError(
-            f"the model cannot run on a {'×'.join(map(str, clip_shape))} clip: {first[:200]}",
-            "pass a matching --input-shape B,C,T,H,W",
-        ) from None
+        raise model_input_error(exc, x) from None
     finally:
         for handle in handles:
             handle.remove()
@@ -188,14 +187,14 @@ def _numel(module: nn.Module) -> int:
 
 
 def layer_table(
-    converted: nn.Module, original: nn.Module, clip_shape: Sequence[int]
+    converted: nn.Module, original: nn.Module, clip_shape: InputShape | Sequence[int], container: str = "list"
 ) -> tuple[list[LayerMemory], ModelTotals]:
     """Per-layer rows and totals for ``converted`` against ``original`` (same module names).
 
-    ``clip_shape`` is [B, C, T, H, W]; MACs and activation bytes are per clip (batch 1).
+    ``clip_shape`` is [B, C, T, H, W] (or one per pathway); MACs and activation bytes are per clip (batch 1).
     """
-    clip = (1, *tuple(clip_shape)[1:])
-    calls = _record_inputs(converted, clip)
+    clip = resize_input(normalize_input_shape(clip_shape), batch=1)
+    calls = _record_inputs(converted, clip, container)
     original_modules = dict(original.named_modules())
     rows: list[LayerMemory] = []
     form_macs = {form: 0 for form in FORMS}

@@ -15,6 +15,17 @@ from torch import nn
 from ..config import ConvertConfig
 from ..convert import densify
 from ..errors import ConfigError
+from ..inputs import (
+    InputShape,
+    check_clip_shapes,
+    format_input_shape,
+    input_shape_to_json,
+    is_multi,
+    normalize_input_shape,
+    pathway_shapes,
+    primary_shape,
+    recorded_input,
+)
 from ..layers import FORMS, DecomposedConv3d
 from ..memory import OPTIMIZERS, InferenceMemory, measure_inference_peak
 from .accounting import LayerMemory, ModelTotals, layer_table, parse_bytes
@@ -40,7 +51,7 @@ class MemoryReport:
     """Everything ``stjfd report`` shows; ``to_dict`` is the ``--json`` output."""
 
     source: str
-    input_shape: tuple[int, ...]
+    input_shape: InputShape  # one clip's shape, or one per pathway
     layers: list[LayerMemory]
     totals: ModelTotals
     inference: InferenceComparison
@@ -56,7 +67,7 @@ class MemoryReport:
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
-            "input_shape": list(self.input_shape),
+            "input_shape": input_shape_to_json(self.input_shape),
             "settings": self.settings,
             "totals": self.totals.to_dict(),
             "layers": [layer.to_dict() for layer in self.layers],
@@ -76,11 +87,12 @@ def _with_mode(model: nn.Module, mode: str) -> nn.Module:
     return twin
 
 
-def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 5 or any(s <= 0 for s in shape):
+def _check_shape(shape: InputShape | Sequence[int]) -> InputShape:
+    shape = normalize_input_shape(shape)
+    check_clip_shapes(shape)
+    if any(v <= 0 for one in pathway_shapes(shape) for v in one):
         raise ConfigError(
-            f"--input-shape {','.join(map(str, shape))} is not B,C,T,H,W with positive sizes",
+            f"--input-shape {format_input_shape(shape, ',')} is not B,C,T,H,W with positive sizes",
             "e.g. --input-shape 1,3,16,112,112",
         )
     return shape
@@ -102,14 +114,14 @@ HOW_MEASURED: dict[str, str] = {
 
 
 def _check_options(
-    input_shape: Sequence[int],
+    input_shape: InputShape | Sequence[int],
     spatial_downsample: int,
     temporal_downsample: int,
     steps: int,
     optimizer: str,
     memory_budget: int | str | None,
     frame_size: int | None,
-) -> tuple[tuple[int, ...], int | None]:
+) -> tuple[InputShape, int | None]:
     """The clip shape and the budget in bytes, once every option of ``memory_report`` is valid."""
     shape = _check_shape(input_shape)
     if spatial_downsample < 1 or temporal_downsample < 1:
@@ -125,22 +137,26 @@ def _check_options(
 
 
 def _compare_inference(
-    model: nn.Module, original: nn.Module, shape: tuple[int, ...], device: str
+    model: nn.Module, original: nn.Module, shape: InputShape, device: str, container: str = "list"
 ) -> InferenceComparison:
     """Peak inference activations of both models (on CUDA when ``device`` is, else CPU) and of
     ``model`` with every decomposed layer in each form (on ``meta``)."""
     inference_device = "cuda" if str(device).startswith("cuda") else "cpu"
     return InferenceComparison(
-        original=measure_inference_peak(original, shape, device=inference_device),
-        converted=measure_inference_peak(model, shape, device=inference_device),
-        by_form={form: measure_inference_peak(_with_mode(model, form), shape, device="meta").peak_bytes for form in FORMS},
+        original=measure_inference_peak(original, shape, device=inference_device, container=container),
+        converted=measure_inference_peak(model, shape, device=inference_device, container=container),
+        by_form={
+            form: measure_inference_peak(_with_mode(model, form), shape, device="meta", container=container).peak_bytes
+            for form in FORMS
+        },
     )
 
 
 def memory_report(
     model: nn.Module,
-    input_shape: Sequence[int],
+    input_shape: InputShape | Sequence[int],
     *,
+    container: str = "list",
     original: nn.Module | None = None,
     source: str = "model",
     spatial_downsample: int = 2,
@@ -155,7 +171,8 @@ def memory_report(
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> MemoryReport:
-    """Compare converted ``model`` with ``original`` (default: ``densify(model)``) on [B,C,T,H,W] clips.
+    """Compare converted ``model`` with ``original`` (default: ``densify(model)``) on [B,C,T,H,W] clips
+    (or one per pathway, fed as a ``container``; sizes below follow the primary pathway).
 
     ``device`` runs the training measurements (``cuda`` adds ``max_memory_allocated``); the
     what-fits searches and the clip sweep run on ``meta`` unless ``device`` is ``cuda``.
@@ -174,14 +191,15 @@ def memory_report(
             progress(text)
 
     step("layers")
-    layers, totals = layer_table(model, original, shape)
+    layers, totals = layer_table(model, original, shape, container)
     step("inference")
-    inference = _compare_inference(model, original, shape, device)
+    inference = _compare_inference(model, original, shape, device, container)
     schedules: list[ScheduleMemory] = []
     if training:
         schedules = measure_schedules(
             models, shape, spatial_downsample=spatial_downsample, temporal_downsample=temporal_downsample,
             optimizer=optimizer, device=device, steps=steps, loss_fn=loss_fn, progress=lambda t: step(f"training: {t}"),
+            container=container,
         )
     for entry in schedules:
         if entry.memory.adapted_pools:
@@ -190,18 +208,20 @@ def memory_report(
                 "(its fixed kernel is larger than the stage's clip); evaluation and export keep the original kernel"
             )
     search_device = "cuda" if str(device).startswith("cuda") else "meta"
-    frames_list = list(sweep_frames) if sweep_frames is not None else sorted({4, 8, 16, 32, shape[2]})
+    primary = primary_shape(shape)
+    frames_list = list(sweep_frames) if sweep_frames is not None else sorted({4, 8, 16, 32, primary[2]})
     step("clip sweep")
     sweep = clip_sweep(
         models, shape, frames_list, spatial_downsample=spatial_downsample,
-        temporal_downsample=temporal_downsample, optimizer=optimizer, device=search_device,
+        temporal_downsample=temporal_downsample, optimizer=optimizer, device=search_device, container=container,
     )
     fits = None
     if budget is not None:
         fits = what_fits(
-            models, budget, frame_size or shape[3], batch=shape[0], frames=shape[2], channels=shape[1],
+            models, budget, frame_size or primary[3], batch=primary[0], frames=primary[2], channels=primary[1],
             spatial_downsample=spatial_downsample, temporal_downsample=temporal_downsample, optimizer=optimizer,
             device=search_device, loss_fn=loss_fn, progress=lambda t: step(f"what fits: {t}"),
+            template=shape if is_multi(shape) else None, container=container,
         )
     modes = sorted({m.mode for m in model.modules() if isinstance(m, DecomposedConv3d)})
     settings = {
@@ -212,7 +232,8 @@ def memory_report(
         "steps": steps,
         "modes": modes,
         "memory_budget": budget,
-        "frame_size": frame_size or shape[3],
+        "frame_size": frame_size or primary[3],
+        "container": container if is_multi(shape) else None,
         "how": dict(HOW_MEASURED),
     }
     return MemoryReport(source, shape, layers, totals, inference, schedules, sweep, fits, settings, notes)
@@ -230,8 +251,9 @@ class ReportInput:
     converted: nn.Module
     original: nn.Module
     source: str
-    input_shape: tuple[int, ...] | None
+    input_shape: InputShape | None
     notes: list[str] = field(default_factory=list)
+    container: str = "list"
 
 
 def load_report_input(
@@ -263,10 +285,10 @@ def load_report_input(
                     "pass a folder written by `stjfd convert`, or a checkpoint file",
                 )
             loaded = load_converted(path, trust_pickle=trust_pickle, trust_code=trust_code, model=model)
-            shape = loaded.manifest.get("input", {}).get("shape")
+            shape, _, container, _ = recorded_input(loaded.manifest)
             return ReportInput(
-                loaded.model, densify(loaded.model).eval(), str(path), tuple(shape) if shape else None,
-                ["original = the converted layers rebuilt dense (DecomposedConv3d.to_conv3d)"],
+                loaded.model, densify(loaded.model).eval(), str(path), shape,
+                ["original = the converted layers rebuilt dense (DecomposedConv3d.to_conv3d)"], container,
             )
     loaded = load_model(
         source, arch=arch, model=model, model_kwargs=model_kwargs, trust_pickle=trust_pickle, strict=strict

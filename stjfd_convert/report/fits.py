@@ -8,6 +8,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..inputs import InputShape, input_shape_to_json, normalize_input_shape, resize_input
 from ..memory import MeasurementError, SizeSearch, measure_training_step, search_max_size
 from ..stages import stage_clip_shape
 from .schedules import FIT_SCHEDULES, SWEEP_SCHEDULES, Schedule
@@ -72,12 +73,12 @@ class WhatFits:
 
 
 def _stage_bytes(
-    model: nn.Module, stage: str, checkpointing: bool, shape: tuple[int, ...], s: int, r: int, optimizer: str,
-    device: str, loss_fn: Callable[[Any], torch.Tensor] | None,
+    model: nn.Module, stage: str, checkpointing: bool, shape: InputShape, s: int, r: int, optimizer: str,
+    device: str, loss_fn: Callable[[Any], torch.Tensor] | None, container: str = "list",
 ) -> int:
     memory = measure_training_step(
         model, stage_clip_shape(shape, stage, s, r), stage=stage, optimizer=optimizer, checkpointing=checkpointing,
-        device=device, steps=1 if device.startswith("cuda") else 0, loss_fn=loss_fn,
+        device=device, steps=1 if device.startswith("cuda") else 0, loss_fn=loss_fn, container=container,
     )
     return memory.budget_bytes
 
@@ -97,14 +98,18 @@ def what_fits(
     schedules: Sequence[Schedule] = FIT_SCHEDULES,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     progress: Callable[[str], None] | None = None,
+    template: InputShape | None = None,
+    container: str = "list",
 ) -> WhatFits:
     """Longest clip and largest batch per schedule within ``budget_bytes`` (see ``search_max_size``).
 
     The temporal stage sees frames of ``frame_size/s``, the spatial stage ``frames/r`` frames; an
     alternating schedule fits when both of its stages fit. The time axis starts at the smallest
-    clip the model accepts (found by measuring).
+    clip the model accepts (found by measuring). ``template``: a multi-pathway input, whose primary
+    pathway takes the searched size (the others keep their ratio to it).
     """
     s, r = spatial_downsample, temporal_downsample
+    template = template if template is not None else (batch, channels, frames, frame_size, frame_size)
     answers: list[FitAnswer] = []
     for schedule in schedules:
         model = models.get(schedule.model)
@@ -116,12 +121,16 @@ def what_fits(
         for stage in schedule.stages:
 
             def by_frames(t: int, stage: str = stage, schedule: Schedule = schedule, model: nn.Module = model) -> int:
-                shape = (batch, channels, t, frame_size, frame_size)
-                return _stage_bytes(model, stage, schedule.checkpointing, shape, s, r, optimizer, device, loss_fn)
+                shape = resize_input(template, batch=batch, frames=t, height=frame_size, width=frame_size)
+                return _stage_bytes(
+                    model, stage, schedule.checkpointing, shape, s, r, optimizer, device, loss_fn, container
+                )
 
             def by_batch(b: int, stage: str = stage, schedule: Schedule = schedule, model: nn.Module = model) -> int:
-                shape = (b, channels, frames, frame_size, frame_size)
-                return _stage_bytes(model, stage, schedule.checkpointing, shape, s, r, optimizer, device, loss_fn)
+                shape = resize_input(template, batch=b, frames=frames, height=frame_size, width=frame_size)
+                return _stage_bytes(
+                    model, stage, schedule.checkpointing, shape, s, r, optimizer, device, loss_fn, container
+                )
 
             # The clip fit starts at 4 frames: very short clips are dominated by stride rounding.
             by_stage[stage] = {
@@ -140,10 +149,11 @@ def what_fits(
     if device == "meta" and answers:
         first = next(s for s in schedules if s.model in models)
         size = answers[0].clip.minimum
-        shape = (batch, channels, max(size, 4), frame_size, frame_size)
-        meta = measure_training_step(models[first.model], shape, optimizer=optimizer, device="meta", steps=0)
-        cpu = measure_training_step(models[first.model], shape, optimizer=optimizer, device="cpu", steps=0)
-        cross = {"schedule": first.key, "input_shape": list(shape), "meta_bytes": meta.total_bytes,
+        shape = resize_input(template, batch=batch, frames=max(size, 4), height=frame_size, width=frame_size)
+        options = dict(optimizer=optimizer, steps=0, container=container)
+        meta = measure_training_step(models[first.model], shape, device="meta", **options)
+        cpu = measure_training_step(models[first.model], shape, device="cpu", **options)
+        cross = {"schedule": first.key, "input_shape": input_shape_to_json(shape), "meta_bytes": meta.total_bytes,
                  "cpu_bytes": cpu.total_bytes}
     return WhatFits(
         budget_bytes, frame_size, batch, frames, s, r, optimizer, device, answers, cross,
@@ -165,18 +175,20 @@ class SweepPoint:
 
 def clip_sweep(
     models: Mapping[str, nn.Module],
-    input_shape: Sequence[int],
+    input_shape: InputShape | Sequence[int],
     frames: Sequence[int],
     *,
     spatial_downsample: int = 2,
     temporal_downsample: int = 2,
     optimizer: str = "sgd",
     device: str = "meta",
+    container: str = "list",
 ) -> list[SweepPoint]:
-    """Measured total training bytes against clip length (sizes that the model rejects are skipped)."""
+    """Measured total training bytes against clip length (sizes that the model rejects are skipped;
+    ``frames`` is the primary pathway's length, the others keep their ratio to it)."""
     points = []
     for t in frames:
-        shape = (input_shape[0], input_shape[1], int(t), input_shape[3], input_shape[4])
+        shape = resize_input(normalize_input_shape(input_shape), frames=int(t))
         totals = {}
         for schedule in SWEEP_SCHEDULES:
             if schedule.model not in models:
@@ -186,6 +198,7 @@ def clip_sweep(
                 memory = measure_training_step(
                     models[schedule.model], stage_clip_shape(shape, stage, spatial_downsample, temporal_downsample),
                     stage=stage, optimizer=optimizer, checkpointing=schedule.checkpointing, device=device, steps=0,
+                    container=container,
                 )
             except MeasurementError:
                 continue

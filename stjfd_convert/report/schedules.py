@@ -8,6 +8,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..inputs import InputShape, primary_shape
 from ..memory import TrainingMemory, measure_training_step
 from ..stages import stage_clip_shape
 
@@ -102,7 +103,7 @@ class ScheduleMemory:
 
 def measure_schedules(
     models: Mapping[str, nn.Module],
-    input_shape: Sequence[int],
+    input_shape: InputShape | Sequence[int],
     *,
     spatial_downsample: int = 2,
     temporal_downsample: int = 2,
@@ -112,6 +113,7 @@ def measure_schedules(
     schedules: Sequence[Schedule] = TRAINING_SCHEDULES,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     progress: Callable[[str], None] | None = None,
+    container: str = "list",
 ) -> list[ScheduleMemory]:
     """Measure each single-stage schedule in ``schedules`` at ``input_shape`` (stages downsampled)."""
     results: list[ScheduleMemory] = []
@@ -125,7 +127,7 @@ def measure_schedules(
         shape = stage_clip_shape(input_shape, stage, spatial_downsample, temporal_downsample)
         memory = measure_training_step(
             models[schedule.model], shape, stage=stage, optimizer=optimizer, checkpointing=schedule.checkpointing,
-            device=device, steps=steps, loss_fn=loss_fn,
+            device=device, steps=steps, loss_fn=loss_fn, container=container,
         )
         entry = ScheduleMemory(schedule.key, schedule.label, schedule.model, stage, schedule.checkpointing, memory)
         if stage == "joint":
@@ -133,11 +135,12 @@ def measure_schedules(
         else:
             reference = full.get((schedule.model, schedule.checkpointing))
             if reference is not None:
+                full_clip, stage_clip = primary_shape(input_shape), primary_shape(shape)
                 if stage == "temporal":
-                    factor = (input_shape[3] * input_shape[4]) / (shape[3] * shape[4])
+                    factor = (full_clip[3] * full_clip[4]) / (stage_clip[3] * stage_clip[4])
                     entry.analytic_factor = f"1/{spatial_downsample}²"
                 else:
-                    factor = input_shape[2] / shape[2]
+                    factor = full_clip[2] / stage_clip[2]
                     entry.analytic_factor = f"1/{temporal_downsample}"
                 entry.analytic_activation_bytes = round(reference.saved_activation_bytes / factor)
         results.append(entry)
