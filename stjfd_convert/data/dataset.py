@@ -226,3 +226,30 @@ class ClipDataset(Dataset):
         values *= scale
         values -= shift
         return torch.from_numpy(values)
+
+
+def check_clip_fits(dataset: ClipDataset, *, refuse: bool = True) -> str | None:
+    """Videos of ``dataset`` shorter than a clip. With ``refuse``, a clip far longer than every video
+    (``--clip-len 1000`` on 32-frame videos: each clip would loop its video many times, and accuracy or
+    training on such clips means nothing) is a ConfigError. Otherwise returns a warning when some videos
+    are shorter than a clip (their frames are looped), else None; videos of unknown length are not judged."""
+    lengths = [s.num_frames for s in dataset.sources if s.num_frames is not None]
+    config = dataset.config
+    short = sum(1 for n in lengths if n < config.span)
+    if not short:
+        return None
+    longest = max(lengths)
+    if refuse and len(lengths) == len(dataset.sources) and 2 * longest < config.span:
+        clip = (f"a clip of {config.clip_len} frames spans {config.span}" if config.span != config.clip_len
+                else f"a clip spans {config.span}")
+        raise ConfigError(
+            f"{dataset.name}: {clip} frames, but the longest video has {longest}: every clip would repeat its "
+            f"video's frames {config.span / longest:.0f}×",
+            f"pass --clip-len {max(1, longest // config.frame_stride)} or less, or use videos at least {config.span} "
+            "frames long",
+        )
+    longest_note = f" (the longest has {longest})" if short == len(dataset.sources) else ""
+    return (
+        f"{short} of {len(dataset.sources)} videos in {dataset.name} have fewer frames than the {config.span} a clip "
+        f"spans{longest_note}: their frames were repeated (looped) to fill the clip"
+    )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import gc
 import random
 import signal
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..errors import ConfigError
+from ..errors import ConfigError, StjfdError
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -48,6 +50,68 @@ def _worker_init(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+# Loaders whose worker processes may be alive. The workers ignore SIGTERM (see _worker_init), so the
+# multiprocessing exit hook, which terminates daemonic children and then joins them, would wait forever
+# for the workers of a loader that an error left referenced; this hook (registered after that one, so run
+# before it) stops them first.
+_LIVE_LOADERS: "weakref.WeakSet[ClipLoader]" = weakref.WeakSet()
+
+
+def _shutdown_workers(loader: DataLoader) -> None:
+    iterator = getattr(loader, "_iterator", None)
+    loader._iterator = None  # type: ignore[attr-defined]  # the next pass starts fresh workers
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
+@atexit.register
+def _shutdown_all_workers() -> None:
+    for loader in list(_LIVE_LOADERS):
+        _shutdown_workers(loader)
+
+
+def _worker_error(exc: BaseException) -> BaseException:
+    """The error a DataLoader worker raised, as it was raised there. PyTorch re-raises a worker's exception
+    as ``type(exc)("Caught … in DataLoader worker process N. Original Traceback …")``; for stjfd's own errors
+    that would be a flattened traceback on one line, so their last line (``module.Type: message — hint``)
+    is turned back into the error."""
+    text = exc.message if isinstance(exc, StjfdError) else ""
+    if not (isinstance(exc, StjfdError) and text.startswith("Caught ") and "DataLoader worker" in text):
+        return exc
+    prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    lines = [line for line in text.splitlines() if line.startswith(prefix)]
+    if not lines:
+        return exc
+    exc.message, exc.hint = lines[-1][len(prefix):], None
+    exc.args = (exc.message,)
+    return exc
+
+
+class _WorkerPass:
+    """One pass of a loader with workers: on an error the workers are stopped and a worker's stjfd error
+    is raised as itself (see :func:`_worker_error`)."""
+
+    def __init__(self, loader: DataLoader, iterator: Iterator[Any]) -> None:
+        self._loader = loader
+        self._iterator = iterator
+
+    def __iter__(self) -> "_WorkerPass":
+        return self
+
+    def __len__(self) -> int:
+        return len(self._iterator)  # type: ignore[arg-type]
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            raise
+        except BaseException as exc:
+            _shutdown_workers(self._loader)
+            raise _worker_error(exc) from None
+
+
 class ClipLoader(DataLoader):
     """A DataLoader that advances the epoch of its dataset and sampler on every pass.
 
@@ -58,6 +122,8 @@ class ClipLoader(DataLoader):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._next_epoch = 0
+        if self.num_workers > 0:
+            _LIVE_LOADERS.add(self)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next pass epoch ``epoch``."""
@@ -81,6 +147,7 @@ class ClipLoader(DataLoader):
             # other). A worker forked before that GC ran would free the container itself and hang on the
             # decoder threads it did not inherit; collecting here frees them where those threads exist.
             gc.collect()
+            return _WorkerPass(self, super().__iter__())
         return super().__iter__()
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Sampler
 
+from ..config import check_device
 from ..errors import ConfigError
 from .config import FinetuneConfig
 
@@ -107,13 +108,9 @@ def _env_world_size() -> int:
 
 
 def _resolve_device(request: str, local_rank: int) -> torch.device:
-    if request == "auto":
-        request = "cuda" if torch.cuda.is_available() else "cpu"
-    if request.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda was requested but no CUDA device is available", "use --device cpu or auto")
-        if request == "cuda":
-            return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+    request = check_device(request)  # auto resolved; an unknown or absent device is a ConfigError
+    if request == "cuda":
+        return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
     return torch.device(request)
 
 

@@ -62,6 +62,7 @@ class EvalResult:
     # sorted order taken as output 0, 1, …: the model records no class names; ``class_note`` says so).
     classes_from: str = "given"
     class_note: str | None = None
+    warnings: list[str] = field(default_factory=list)  # e.g. videos shorter than a clip (frames looped)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
