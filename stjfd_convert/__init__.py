@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .config import AtomSpec, ConvertConfig, SwapConfig
     from .convert import ConversionReport, convert_model, set_mode
+    from .deploy import deploy
     from .errors import StjfdError
     from .layers import DecomposedConv3d
     from .saved_model import load_converted, save_converted
@@ -25,6 +26,7 @@ _LAZY = {
     "ConversionReport": "convert",
     "convert_model": "convert",
     "set_mode": "convert",
+    "deploy": "deploy",
     "StjfdError": "errors",
     "DecomposedConv3d": "layers",
     "load_converted": "saved_model",
@@ -57,6 +59,7 @@ __all__ = [
     "SwapConfig",
     "__version__",
     "convert_model",
+    "deploy",
     "load_converted",
     "save_converted",
     "set_mode",

@@ -49,6 +49,9 @@ def plan_key(x: Tensor) -> str:
     return f"{x.device.type}/{str(x.dtype).removeprefix('torch.')}/{'x'.join(str(s) for s in x.shape)}"
 
 
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+
+
 def default_temporal_atoms(length: int) -> int:
     """Paper default: min(L, 3) temporal atoms."""
     return min(length, 3)
@@ -323,6 +326,10 @@ class DecomposedConv3d(nn.Module):
     # --- execution ---------------------------------------------------------------------------------
     def _derived(self, name: str, build) -> Tensor:
         """A weight derived from the parameters, cached while no autograd graph is needed."""
+        if _is_compiling():
+            # torch.compile traces the rebuild into its graph (a cache keyed on storage pointers and
+            # version counters would break the graph); the compiled code then owns the caching question.
+            return build()
         params = (self.coefficients, self.temporal_atoms, self.spatial_atoms)
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             # Recompute in backward instead of keeping the dense intermediates (A·Φᵀ, …): training
