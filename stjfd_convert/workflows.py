@@ -194,6 +194,7 @@ def plan_converted(
         from .errors import ConfigError
 
         raise ConfigError("the input shape of this model is unknown", "pass --input-shape, e.g. 1,3,16,112,112")
+    check_input_memory(shape, parse_dtype(input_dtype))  # a huge --input-shape: refused before it is allocated
     model = loaded.model.to(device)
     plan = plan_model(
         model, shape, device=device, input_dtype=parse_dtype(input_dtype), measure=True, repeats=repeats,

@@ -22,7 +22,7 @@ from ..convert import densify
 from ..errors import ConfigError
 from ..models import model_source_paths
 from ..inputs import InputShape, format_input_shape, make_model_input, normalize_input_shape, pathway_shapes
-from ..parity import flatten_outputs, run_model
+from ..parity import check_input_memory, flatten_outputs, run_model
 from .base import (
     DEFAULT_ATOL,
     DEFAULT_CLIPS,
@@ -435,6 +435,7 @@ def export_onnx(
         trust_code=trust_code,
     )
     shape = _export_shape(source, input_shape, options.dynamic)
+    check_input_memory(shape)  # a huge --input-shape: refused before it is allocated
     channels = {one[1] for one in pathway_shapes(shape) if len(one) == 5}
     normalization = _normalization(source.spec, mean, std, source.manifest, channels.pop() if len(channels) == 1 else None)
     work = copy.deepcopy(source.model).eval()

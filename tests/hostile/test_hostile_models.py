@@ -133,8 +133,9 @@ def test_report_plot_to_a_folder_is_refused(inputs: dict[str, Any], tmp_path: Pa
             "plots", "folder")
 
 
+@pytest.mark.parametrize("command", ["convert", "plan", "export"])
 def test_huge_input_shape_is_refused_before_allocating(
-    inputs: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    inputs: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
 ) -> None:
     # 64×3×64×448×448 float32 is 9.2 GiB; with 8 GiB available it is refused before any tensor is made.
     monkeypatch.setattr(parity, "available_memory", lambda: 8 * 2**30)
@@ -142,13 +143,21 @@ def test_huge_input_shape_is_refused_before_allocating(
     real_randn = torch.randn
 
     def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
-        allocations.append(tuple(args[0]) if args and isinstance(args[0], tuple) else ())
+        shape = tuple(args[0]) if args and isinstance(args[0], (tuple, list, torch.Size)) else ()
+        allocations.append(shape)
+        if shape and int(np.prod(shape)) > 10**8:  # never really allocate it, even if the check is missing
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory (the test refuses to)")
         return real_randn(*args, **kwargs)
 
     monkeypatch.setattr(torch, "randn", spy)
     tiny: TinyFiles = inputs["tiny"]
-    refused(tmp_path, ["convert", tiny.checkpoint, "--model", tiny.model_arg, "--input-shape", "64,3,64,448,448",
-                       "-o", tmp_path / "out"], "--input-shape 64,3,64,448,448", "GiB", "smaller --input-shape")
+    huge = ["--input-shape", "64,3,64,448,448"]
+    args = {
+        "convert": ["convert", tiny.checkpoint, "--model", tiny.model_arg, *huge, "-o", tmp_path / "out"],
+        "plan": ["plan", inputs["converted"], "--trust-code", *huge, "--dry-run"],
+        "export": ["export", inputs["converted"], "--trust-code", *huge, "--onnx", tmp_path / "m.onnx"],
+    }[command]
+    refused(tmp_path, args, "--input-shape 64,3,64,448,448", "GiB", "smaller --input-shape")
     assert (64, 3, 64, 448, 448) not in allocations
 
 
