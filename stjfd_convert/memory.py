@@ -137,6 +137,7 @@ class TrainingMemory:
     peak_cuda_bytes: int | None = None
     step_seconds: list[float] = field(default_factory=list)
     adapted_pools: list[str] = field(default_factory=list)  # fixed pools run over the whole (downsampled) input
+    peak_live_bytes: int | None = None  # live bytes at the peak of a whole step, transients included
 
     @property
     def saved_bytes(self) -> int:
@@ -150,8 +151,11 @@ class TrainingMemory:
 
     @property
     def budget_bytes(self) -> int:
-        """The figure compared with a memory budget: CUDA peak when measured, else ``total_bytes``."""
-        return self.peak_cuda_bytes if self.peak_cuda_bytes is not None else self.total_bytes
+        """The figure compared with a memory budget: the CUDA peak when measured, else the live peak of a
+        whole step (transients included), else ``total_bytes``."""
+        if self.peak_cuda_bytes is not None:
+            return self.peak_cuda_bytes
+        return self.peak_live_bytes if self.peak_live_bytes is not None else self.total_bytes
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -297,6 +301,21 @@ def measure_training_step(
     )
     trainable_count = sum(p.numel() for p in trainable)
 
+    # The peak of live bytes over a whole steady-state step (forward, backward, optimizer), transients
+    # included: what a device must hold at once. Parameters, buffers, the clip and the optimizer state
+    # exist before the step (the baseline); everything ops create during it is counted until freed.
+    state = [v for st in opt.state.values() for v in st.values() if isinstance(v, Tensor)]
+    existing = [*params, *buffers, *input_tensors(clip), *state]
+    tracker = _LiveTensors(
+        {storage_key(t) for t in existing}, param_bytes + buffer_bytes + _input_bytes(clip) + optimizer_bytes
+    )
+    try:
+        with tracker:
+            one_step(instrumented=False)
+    except (RuntimeError, ValueError, IndexError) as exc:
+        raise _classify_error(exc, shape, stage) from None
+    peak_live = tracker.peak
+
     times: list[float] = []
     peak_cuda = None
     if device.type != "meta":
@@ -338,6 +357,7 @@ def measure_training_step(
         peak_cuda_bytes=peak_cuda,
         step_seconds=times,
         adapted_pools=sorted(adapted),
+        peak_live_bytes=peak_live,
     )
 
 

@@ -118,6 +118,7 @@ def _training_table(report: Any) -> Table:
     table.add_column("saved weights", justify="right")
     table.add_column("params+grads+optim", justify="right")
     table.add_column("total", justify="right")
+    table.add_column("live peak", justify="right")
     table.add_column("step s", justify="right")
     cuda = any(e.memory.peak_cuda_bytes is not None for e in report.training)
     if cuda:
@@ -136,6 +137,7 @@ def _training_table(report: Any) -> Table:
             _mib(m.saved_weight_bytes),
             _mib(m.param_bytes + m.grad_bytes + m.optimizer_bytes),
             _mib(m.total_bytes),
+            _mib(m.peak_live_bytes) if m.peak_live_bytes is not None else "—",
             f"{m.step_seconds_median:.3f}" if m.step_seconds_median is not None else "—",
         ]
         if cuda:
@@ -178,8 +180,8 @@ def _render(report: Any) -> None:
     out.print(_layer_table(report))
     if report.training:
         out.print(_training_table(report))
-        best = min(report.training, key=lambda e: e.memory.total_bytes)
-        out.print(f"[bold]least training memory[/]: {escape(best.label)} ({_mib(best.memory.total_bytes)} MiB)")
+        best = min(report.training, key=lambda e: e.memory.budget_bytes)
+        out.print(f"[bold]least training memory[/]: {escape(best.label)} ({_mib(best.memory.budget_bytes)} MiB peak)")
     if report.fits is not None:
         out.print(_fits_table(report.fits))
         cross = report.fits.cross_check

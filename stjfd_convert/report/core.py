@@ -107,9 +107,11 @@ HOW_MEASURED: dict[str, str] = {
     "inference": "peak of live tensor storages during a no-grad forward (TorchDispatchMode), "
     "parameters excluded, input clip included; weights cached by a warm-up forward excluded; by_form measured on the meta device",
     "training": "saved_tensors_hooks, each storage once (data_ptr); weights = parameters, buffers and "
-    "tensors computed only from them; + params + grads + optimizer state of the trainable subset",
-    "what_fits": "linear fit bytes = a + b·size of measured samples, answer verified by measuring it "
-    "and one step above; on meta (exact sizes, no arithmetic) unless on CUDA",
+    "tensors computed only from them; + params + grads + optimizer state of the trainable subset; "
+    "live peak: the most bytes alive at once over a whole steady-state step (forward, backward, optimizer), "
+    "transients and recomputed activations included (TorchDispatchMode over every op)",
+    "what_fits": "linear fit of the live peak (CUDA: max_memory_allocated) = a + b·size of measured samples, "
+    "answer verified by measuring it and one step above; on meta (exact sizes, no arithmetic) unless on CUDA",
 }
 
 

@@ -153,8 +153,8 @@ def what_fits(
         options = dict(optimizer=optimizer, steps=0, container=container)
         meta = measure_training_step(models[first.model], shape, device="meta", **options)
         cpu = measure_training_step(models[first.model], shape, device="cpu", **options)
-        cross = {"schedule": first.key, "input_shape": input_shape_to_json(shape), "meta_bytes": meta.total_bytes,
-                 "cpu_bytes": cpu.total_bytes}
+        cross = {"schedule": first.key, "input_shape": input_shape_to_json(shape), "meta_bytes": meta.budget_bytes,
+                 "cpu_bytes": cpu.budget_bytes}
     return WhatFits(
         budget_bytes, frame_size, batch, frames, s, r, optimizer, device, answers, cross,
     )
