@@ -185,6 +185,10 @@ def plan_converted(
     from .planner import plan_model, save_plan
 
     device = check_device(device)  # `--device cuda` without a GPU, `--device tpu`: refused before loading
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--repeats must be an integer ≥ 1, got {repeats!r}", "e.g. --repeats 5")
     loaded = load_converted(directory, trust_code=trust_code)
     recorded, _, container, _ = recorded_input(loaded.manifest)
     shape = normalize_input_shape(input_shape) if input_shape else None

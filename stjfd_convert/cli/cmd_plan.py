@@ -21,7 +21,7 @@ def plan(
     input_shape: InputShapeOption = None,
     input_dtype: str = typer.Option("float32", "--input-dtype"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
-    repeats: int = typer.Option(5, "--repeats", min=1, help="timed runs per form and layer (median)"),
+    repeats: int = typer.Option(5, "--repeats", help="timed runs per form and layer (median)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="measure and show, do not write the manifest"),
     trust_code: TrustCodeOption = False,
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),

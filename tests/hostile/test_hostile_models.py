@@ -554,6 +554,11 @@ def test_export_option_out_of_range(inputs: dict[str, Any], tmp_path: Path, opti
             *fragments)
 
 
+@pytest.mark.parametrize("repeats", ["0", "-3"])
+def test_plan_repeats_out_of_range(inputs: dict[str, Any], tmp_path: Path, repeats: str) -> None:
+    refused(tmp_path, ["plan", inputs["converted"], "--trust-code", "--repeats", repeats], "--repeats", "≥ 1")
+
+
 @pytest.mark.parametrize("steps", ["0", "-1"])
 def test_report_steps_out_of_range(inputs: dict[str, Any], tmp_path: Path, steps: str) -> None:
     refused(tmp_path, ["report", inputs["converted"], "--trust-code", "--steps", steps], "--steps", "≥ 1")
