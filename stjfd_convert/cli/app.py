@@ -9,11 +9,48 @@ import sys
 from typing import Any, Callable
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer ≥ 0.24 vendors click as typer._click; older typer depends on click itself
+    from typer._click import exceptions as _click_exceptions
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click import exceptions as _click_exceptions
 
 from ..errors import StjfdError, first_line
 from . import render
 
+class _OneLineUsageError(_click_exceptions.UsageError):
+    """A usage error (unknown option, bad value, missing argument) shown as the house's one line."""
+
+    def show(self, file: Any = None) -> None:
+        command = self.ctx.command_path if self.ctx is not None else "stjfd"
+        render.error_line(f"{self.format_message()} — see `{command} --help`")
+
+
+class _Group(TyperGroup):
+    """The ``stjfd`` group: click's usage errors become one ``error: … — …`` line instead of a usage block."""
+
+    @staticmethod
+    def _one_line(exc: Any) -> Any:
+        if isinstance(exc, _OneLineUsageError) or type(exc).__name__ == "NoArgsIsHelpError":
+            return exc  # `stjfd` alone prints the help, as asked for with no_args_is_help
+        return _OneLineUsageError(exc.format_message(), exc.ctx)
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().make_context(*args, **kwargs)
+        except _click_exceptions.UsageError as exc:
+            raise self._one_line(exc) from None
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except _click_exceptions.UsageError as exc:
+            raise self._one_line(exc) from None
+
+
 app = typer.Typer(
+    cls=_Group,
     name="stjfd",
     help="Spatiotemporal joint filter decomposition for 3D video CNNs.",
     no_args_is_help=True,
