@@ -84,6 +84,7 @@ def measure_rows(args: argparse.Namespace, device: str, original, converted) -> 
         row = {
             "model": name, "stage": stage, "checkpointing": checkpointing, "input_shape": list(shape),
             "total_mib": m.total_bytes / MIB, "activation_mib": m.saved_activation_bytes / MIB,
+            "live_peak_mib": m.peak_live_bytes / MIB,
             "saved_weight_mib": m.saved_weight_bytes / MIB, "param_mib": m.param_bytes / MIB,
             "grad_mib": m.grad_bytes / MIB, "optimizer_mib": m.optimizer_bytes / MIB,
             "cuda_peak_mib": m.peak_cuda_bytes / MIB if m.peak_cuda_bytes is not None else None,
@@ -113,15 +114,17 @@ def meta_rows(args: argparse.Namespace, original, converted) -> list[dict]:
                                       checkpointing=checkpointing, device="meta", steps=0)
             rows.append({"batch": batch, "model": name, "stage": stage, "checkpointing": checkpointing,
                          "input_shape": list(shape), "total_mib": m.total_bytes / MIB,
-                         "activation_mib": m.saved_activation_bytes / MIB})
+                         "live_peak_mib": m.peak_live_bytes / MIB, "activation_mib": m.saved_activation_bytes / MIB})
     return rows
 
 
 def meta_markdown(rows: list[dict]) -> str:
-    lines = ["| batch | model | stage | ckpt | input | total MiB | activations MiB |", "|---|---|---|---|---|---|---|"]
+    lines = ["| batch | model | stage | ckpt | input | total MiB | live peak MiB | activations MiB |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['batch']} | {r['model']} | {r['stage']} | {'yes' if r['checkpointing'] else 'no'} | "
-                     f"{'×'.join(map(str, r['input_shape']))} | {r['total_mib']:.1f} | {r['activation_mib']:.1f} |")
+                     f"{'×'.join(map(str, r['input_shape']))} | {r['total_mib']:.1f} | {r['live_peak_mib']:.1f} | "
+                     f"{r['activation_mib']:.1f} |")
     return "\n".join(lines)
 
 
@@ -153,14 +156,15 @@ def markdown(rows: list[dict], loop: list[dict]) -> str:
     cuda = any(r["cuda_peak_mib"] is not None for r in rows)
     joint = next(r["total_mib"] for r in rows if r["model"] == "converted" and r["stage"] == "joint"
                  and not r["checkpointing"])
-    head = ("| model | stage | ckpt | input | total MiB | vs converted joint | activations MiB | saved weights MiB "
-            "| params+grads+opt MiB |" + (" CUDA peak MiB |" if cuda else "") + " step s |")
+    head = ("| model | stage | ckpt | input | total MiB | live peak MiB | vs converted joint | activations MiB "
+            "| saved weights MiB | params+grads+opt MiB |" + (" CUDA peak MiB |" if cuda else "") + " step s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         fixed = r["param_mib"] + r["grad_mib"] + r["optimizer_mib"]
         lines.append(
             f"| {r['model']} | {r['stage']} | {'yes' if r['checkpointing'] else 'no'} | "
-            f"{'×'.join(map(str, r['input_shape']))} | {r['total_mib']:.1f} | {r['total_mib'] / joint:.2f} | "
+            f"{'×'.join(map(str, r['input_shape']))} | {r['total_mib']:.1f} | {r['live_peak_mib']:.1f} | "
+            f"{r['total_mib'] / joint:.2f} | "
             f"{r['activation_mib']:.1f} | {r['saved_weight_mib']:.1f} | {fixed:.1f} |"
             + (f" {r['cuda_peak_mib']:.1f} |" if cuda else "") + f" {r['step_s']:.2f} |"
         )
