@@ -17,6 +17,7 @@ from .options import (
     JsonOption,
     ModelKwargsOption,
     ModelOption,
+    PathwayStridesOption,
     TrustCodeOption,
     TrustPickleOption,
     input_shape_value,
@@ -235,9 +236,7 @@ def predict(
     playback_speed: float = typer.Option(
         1.0, "--playback-speed", help="resample the clip's frames: 0.5 = video slowed 2×, 2 = sped up 2×"
     ),
-    pathway_strides: Optional[str] = typer.Option(
-        None, "--pathway-strides", help="a multi-input model: pathway i = every k_i-th frame (default: its metadata)"
-    ),
+    pathway_strides: PathwayStridesOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Classify the centre clip of a video with an exported ONNX model (onnxruntime, CPU)."""

@@ -20,7 +20,15 @@ from rich.progress import (
 from ..errors import ConfigError
 from . import render
 from .app import EXIT_INTERRUPTED, EXIT_TERMINATED, app, command_line, guarded
-from .options import ArchOption, JsonOption, ModelKwargsOption, ModelOption, TrustCodeOption, TrustPickleOption
+from .options import (
+    ArchOption,
+    JsonOption,
+    ModelKwargsOption,
+    ModelOption,
+    PathwayStridesOption,
+    TrustCodeOption,
+    TrustPickleOption,
+)
 from .render import FitTable as Table  # wraps rather than cuts on a narrow terminal
 
 MIB = 2**20
@@ -313,9 +321,7 @@ def finetune(
         None, "--log-every", help="optimizer steps per metrics.jsonl step record (default 10)"
     ),
     no_plot: bool = typer.Option(False, "--no-plot", help="do not draw training_curve.png"),
-    pathway_strides: Optional[str] = typer.Option(
-        None, "--pathway-strides", help="a multi-pathway model: pathway i = every k_i-th frame, e.g. 4,1 (SlowFast)"
-    ),
+    pathway_strides: PathwayStridesOption = None,
     arch: ArchOption = None,
     model: ModelOption = None,
     model_kwargs: ModelKwargsOption = None,

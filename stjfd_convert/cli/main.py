@@ -20,6 +20,7 @@ from .options import (
     ModelKwargsOption,
     ModelOption,
     NonStrictOption,
+    PathwayStridesOption,
     TrustPickleOption,
     input_shape_value,
 )
@@ -82,9 +83,7 @@ def convert(
     input_container: str = typer.Option(
         "list", "--input-container", help="how several --input-shape pathways are passed: list | tuple"
     ),
-    pathway_strides: Optional[str] = typer.Option(
-        None, "--pathway-strides", help="record how each pathway is cut from one clip (every k-th frame), e.g. 4,1"
-    ),
+    pathway_strides: PathwayStridesOption = None,
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="output folder (default <stem>-stjfd/)"),
     force: bool = typer.Option(False, "--force", help="replace an existing converted folder (never anything else)"),
     as_json: JsonOption = False,

@@ -38,6 +38,14 @@ InputShapeOption = Annotated[
         "(or repeat the flag)",
     ),
 ]
+PathwayStridesOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--pathway-strides",
+        help="a multi-pathway model: pathway i = every k_i-th frame of one clip, e.g. 4,1 (SlowFast); "
+        "default: what the model records",
+    ),
+]
 
 
 def input_shape_value(values: Optional[List[str]]) -> Any:
