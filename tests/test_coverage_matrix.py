@@ -40,7 +40,7 @@ def assert_covered(result: dict[str, Any]) -> None:
         assert info["trainable_params"] > 0 and info["frozen_params"] > 0  # the stage froze one kind of atoms
     if "onnx" not in result["limited"]:
         assert result["onnx_checker"] and result["onnx_validated"]
-    assert result["report_ok"] and result["report_layers"] == result["conv3d_layers"]
+    assert result["report_ok"] and result["report_layers"] >= result["conv3d_layers"]  # every Conv3d has a row
     assert all(matrix.passed(result).values())
 
 
