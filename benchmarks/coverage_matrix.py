@@ -30,9 +30,10 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -81,7 +82,7 @@ class Case:
 
 def _tv(name: str, **kwargs: Any) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
-        import torchvision.models.video as video
+        from torchvision.models import video
 
         return getattr(video, name)(weights=None, **kwargs)
 
@@ -95,7 +96,7 @@ def _mvit_v2_s_at(temporal_size: int, spatial_size: tuple[int, int]) -> Callable
     def build() -> nn.Module:
         from unittest import mock
 
-        import torchvision.models.video.mvit as mvit
+        from torchvision.models.video import mvit
 
         captured: dict[str, Any] = {}
         with mock.patch.object(mvit, "_mvit", lambda **kwargs: captured.update(kwargs)):
@@ -339,9 +340,12 @@ def _cell_stages(result: dict[str, Any]) -> str:
 
 def table(results: list[dict[str, Any]]) -> str:
     """The Markdown table of the README's Coverage section."""
+    mark = {True: "✓", False: "✗"}
     rows = [
-        "| model | input shape | Conv3d decomposed / total | param ratio (default atoms) | full-rank rel. error "
-        "| stages run (adapted pools) | ONNX validated | report | seconds | notes |",
+        (
+            "| model | input shape | Conv3d decomposed / total | param ratio (default atoms) | full-rank rel. error "
+            "| stages run (adapted pools) | ONNX validated | report | seconds | notes |"
+        ),
         "|---|---|---:|---:|---:|---|---|---|---:|---|",
     ]
     for r in results:
@@ -355,7 +359,6 @@ def table(results: list[dict[str, Any]]) -> str:
         ratio = f"{r['param_ratio']:.3f}" if "param_ratio" in r else "—"
         counts = f"{r['decomposed_layers']} / {r['conv3d_layers']}" if "conv3d_layers" in r else "—"
         error = f"{r['full_rank_rel_l2']:.1e}" if "full_rank_rel_l2" in r else "—"
-        mark = {True: "✓", False: "✗"}
 
         def cell(check: str, r: dict[str, Any] = r, verdict: dict[str, bool] = verdict) -> str:
             return "— (limitation)" if check in r["limited"] else mark.get(verdict.get(check), "—")  # type: ignore[arg-type]

@@ -12,8 +12,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import coverage_matrix as matrix  # noqa: E402
-from tolerances import REL_FP32_FULL_RANK_MODEL  # noqa: E402
+import coverage_matrix as matrix
+from tolerances import REL_FP32_FULL_RANK_MODEL
 
 TORCHVISION = [name for name, case in matrix.CASES.items() if case.family == "torchvision"]
 PYTORCHVIDEO = [name for name, case in matrix.CASES.items() if case.family == "pytorchvideo"]
