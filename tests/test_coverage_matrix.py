@@ -61,6 +61,7 @@ def test_mc3_18_full_rank_and_default_conversion_and_table() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.matrix
 @pytest.mark.parametrize("name", TORCHVISION)
 def test_torchvision_model_is_covered(name: str, tmp_path: Path) -> None:
     pytest.importorskip("onnxruntime")
@@ -68,6 +69,7 @@ def test_torchvision_model_is_covered(name: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.matrix
 @pytest.mark.parametrize("name", PYTORCHVIDEO)
 def test_pytorchvideo_model_is_covered(name: str, tmp_path: Path) -> None:
     pytest.importorskip("pytorchvideo")

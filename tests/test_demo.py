@@ -155,6 +155,7 @@ def test_demo_json(tmp_path: Path) -> None:
     assert (tmp_path / "finetune" / "best" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow  # the demo itself runs in test_demo_json; this checks its text at other atoms
 def test_demo_text_small_atoms() -> None:
     outcome = run_cli(["demo", "--temporal-atoms", "2", "--atoms", "4"])
     assert outcome.exit_code == 0, outcome.output

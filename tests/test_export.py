@@ -128,7 +128,7 @@ def test_default_tolerance_is_the_issues() -> None:
     assert DEFAULT_ATOL <= ISSUE_ATOL
 
 
-@pytest.mark.parametrize("mode", ["fused", "auto"])
+@pytest.mark.parametrize("mode", [pytest.param("fused", marks=pytest.mark.slow), "auto"])
 def test_r3d18_exports_and_validates(r3d18: dict[str, Any], tmp_path: Path, mode: str) -> None:
     target = tmp_path / f"{mode}.onnx"
     args = [r3d18["dir"], "--onnx", target, "--atol", ISSUE_ATOL, "--runs", 1, "--threads", 2]

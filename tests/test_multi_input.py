@@ -184,6 +184,7 @@ def test_finetune_alternates_on_pathways_and_evaluate_reads_them_back(
 
 
 @pytest.mark.slow
+@pytest.mark.matrix  # PyTorchVideo is optional (the zoo extra); ~8 min on 2 cores
 def test_pytorchvideo_slowfast_r50_converts_reports_finetunes_and_exports(tmp_path: Path) -> None:
     pytest.importorskip("pytorchvideo")
     pytest.importorskip("onnxruntime")
