@@ -28,6 +28,7 @@ from ..inputs import (
 )
 from ..layers import FORMS, DecomposedConv3d
 from ..memory import OPTIMIZERS, InferenceMemory, measure_inference_peak
+from ..parity import check_input_memory
 from .accounting import LayerMemory, ModelTotals, layer_table, parse_bytes
 from .fits import SweepPoint, WhatFits, clip_sweep, what_fits
 from .schedules import ScheduleMemory, measure_schedules
@@ -182,6 +183,8 @@ def memory_report(
     shape, budget = _check_options(
         input_shape, spatial_downsample, temporal_downsample, steps, optimizer, memory_budget, frame_size
     )
+    if not str(device).startswith("cuda"):
+        check_input_memory(shape)  # the CPU measurements allocate the clip: a huge one is refused first
     notes: list[str] = []
     original = original if original is not None else densify(model)
     models = {"original": original, "converted": model}

@@ -133,7 +133,7 @@ def test_report_plot_to_a_folder_is_refused(inputs: dict[str, Any], tmp_path: Pa
             "plots", "folder")
 
 
-@pytest.mark.parametrize("command", ["convert", "plan", "export"])
+@pytest.mark.parametrize("command", ["convert", "plan", "export", "report"])
 def test_huge_input_shape_is_refused_before_allocating(
     inputs: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str
 ) -> None:
@@ -156,6 +156,7 @@ def test_huge_input_shape_is_refused_before_allocating(
         "convert": ["convert", tiny.checkpoint, "--model", tiny.model_arg, *huge, "-o", tmp_path / "out"],
         "plan": ["plan", inputs["converted"], "--trust-code", *huge, "--dry-run"],
         "export": ["export", inputs["converted"], "--trust-code", *huge, "--onnx", tmp_path / "m.onnx"],
+        "report": ["report", inputs["converted"], "--trust-code", *huge, "--no-training"],
     }[command]
     refused(tmp_path, args, "--input-shape 64,3,64,448,448", "GiB", "smaller --input-shape")
     assert (64, 3, 64, 448, 448) not in allocations
