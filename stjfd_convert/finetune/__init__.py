@@ -84,6 +84,7 @@ from .events import (
     StageEnd,
     StageStarted,
 )
+from .distill import DISTILL_LOSSES, DistillationLoss
 from .losses import ClassificationLoss, LossContext, LossFn, LossOutput, NonFiniteLossError
 from .metrics import plot_training_curve, read_metrics
 from .results import EvalResult, FinetuneResult, StageSummary
@@ -92,6 +93,8 @@ from .schedule import StagePlan, lr_at, stage_plan
 from .surgery import adapt_classifier
 
 __all__ = [
+    "DISTILL_LOSSES",
+    "DistillationLoss",
     "BatchEnd",
     "Callback",
     "CheckpointSaved",

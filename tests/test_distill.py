@@ -1,0 +1,147 @@
+"""DistillationLoss: a converted model learns from its frozen original on unlabeled clips (#12, library)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from stjfd_convert.config import ConvertConfig
+from stjfd_convert.convert import convert_model
+from stjfd_convert.data import unlabeled_dataset
+from stjfd_convert.errors import ConfigError
+from stjfd_convert.finetune import FinetuneConfig, LossContext, finetune
+from stjfd_convert.finetune.distill import DistillationLoss
+from stjfd_convert.parity import make_input
+from videos import make_video_dataset
+
+SEED = 0
+CLIP = (2, 3, 8, 32, 32)
+
+
+def _classifier() -> nn.Module:
+    torch.manual_seed(SEED)
+    return nn.Sequential(
+        nn.Conv3d(3, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU(), nn.Conv3d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(8, 3),
+    ).eval()
+
+
+class TwoHead(nn.Module):
+    """Clip logits and, in a dict, per-frame event probabilities (a sigmoid head): ``(logits, {"aux": p})``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(SEED)
+        self.body = nn.Sequential(nn.Conv3d(3, 6, 3, padding=1), nn.ReLU())
+        self.clip_head = nn.Linear(6, 4)
+        self.frame_head = nn.Conv3d(6, 1, 1)
+
+    def forward(self, x: torch.Tensor):
+        features = self.body(x)
+        logits = self.clip_head(features.mean(dim=(2, 3, 4)))
+        events = torch.sigmoid(self.frame_head(features).mean(dim=(3, 4))).squeeze(1)  # [B, T]
+        return logits, {"aux": events}
+
+
+def _ctx(student: nn.Module, clips: torch.Tensor, labels: torch.Tensor | None = None) -> LossContext:
+    labels = labels if labels is not None else torch.full((clips.shape[0],), -1)
+    return LossContext(student(clips), labels, clips, clips, student, "joint", 0, 0)
+
+
+def test_auto_picks_kl_for_logits_bce_for_probabilities_mse_otherwise() -> None:
+    loss = DistillationLoss(_classifier())
+    assert loss.kind_for(torch.randn(4, 3)) == "kl"
+    assert loss.kind_for(torch.rand(4, 16)) == "bce"  # all in [0, 1]: probabilities
+    assert loss.kind_for(torch.randn(4, 8, 2, 2)) == "mse"
+    assert loss.kind_for(torch.randn(4, 1)) == "mse"
+    assert DistillationLoss(_classifier(), "mse").kind_for(torch.randn(4, 3)) == "mse"
+
+
+def test_the_student_equal_to_its_teacher_has_zero_loss_and_every_output_is_matched() -> None:
+    teacher = TwoHead().eval()
+    loss, extras = DistillationLoss(teacher)(_ctx(copy.deepcopy(teacher), make_input(CLIP, seed=SEED)))
+    # KL of equal distributions is 0; BCE of p against itself is p's entropy, its minimum over the student.
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student.clip_head.bias += 1.0
+        student.frame_head.bias += 0.5
+    worse, _ = DistillationLoss(teacher)(_ctx(student, make_input(CLIP, seed=SEED)))
+    assert worse > loss and extras["distill"] == pytest.approx(float(loss))
+
+
+def test_distillation_pulls_a_two_head_student_towards_its_teacher() -> None:
+    """Both heads move to the teacher's: the clip logits (KL) and the per-frame probabilities (BCE)."""
+    teacher = TwoHead().eval()
+    student = TwoHead()
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    probe = make_input(CLIP, seed=SEED + 100)
+
+    def gaps() -> tuple[float, float]:
+        with torch.no_grad():
+            (s_logits, s_aux), (t_logits, t_aux) = student(probe), teacher(probe)
+        return (float((s_logits.softmax(1) - t_logits.softmax(1)).abs().mean()),
+                float((s_aux["aux"] - t_aux["aux"]).abs().mean()))
+
+    start = gaps()
+    loss_fn = DistillationLoss(teacher)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.5)
+    for step in range(40):
+        loss, _ = loss_fn(_ctx(student, make_input(CLIP, seed=step)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    end = gaps()
+    assert end[0] < 0.5 * start[0] and end[1] < 0.5 * start[1], (start, end)
+
+
+def test_mismatched_outputs_and_bad_options_are_refused() -> None:
+    with pytest.raises(ConfigError, match="do not match"):
+        DistillationLoss(TwoHead())(_ctx(_classifier(), make_input(CLIP, seed=SEED)))
+    with pytest.raises(ConfigError, match="--distill-loss"):
+        DistillationLoss(_classifier(), "l1")
+    with pytest.raises(ConfigError, match="--distill-weight"):
+        DistillationLoss(_classifier(), label_weight=2.0)
+
+
+def test_labels_mix_in_only_where_clips_have_them() -> None:
+    teacher = _classifier()
+    student = convert_model(teacher, ConvertConfig(spatial_atoms=2, temporal_atoms=1))[0]
+    clips = make_input(CLIP, seed=SEED)
+    mixed = DistillationLoss(teacher, label_weight=0.5)
+    _, with_labels = mixed(_ctx(student, clips, torch.tensor([0, 2])))
+    _, without = mixed(_ctx(student, clips))
+    assert "label" in with_labels and "label" not in without
+
+
+def test_finetune_distils_a_converted_classifier_on_unlabeled_videos(tmp_path: Path) -> None:
+    """The alternating schedule with the teacher seeing each stage's clip: the student moves towards it,
+    the teacher does not move at all."""
+    make_video_dataset(tmp_path / "clips" / "a", per_class=2, T=12, H=36, W=36, seed=SEED)
+    dataset = unlabeled_dataset(tmp_path / "clips", clip_len=CLIP[2], size=CLIP[3], mean=(0, 0, 0), std=(1, 1, 1))
+    teacher = _classifier()
+    with torch.no_grad():
+        teacher[-1].weight.mul_(30.0)  # a confident teacher, so that the conversion's damage shows
+    before = copy.deepcopy(teacher.state_dict())
+    student = convert_model(teacher, ConvertConfig(spatial_atoms=2, temporal_atoms=1))[0]
+    eval_set = unlabeled_dataset(tmp_path / "clips", clip_len=CLIP[2], size=CLIP[3], mean=(0, 0, 0), std=(1, 1, 1),
+                                 train=False)
+    probe = torch.stack([eval_set[i][0] for i in range(len(eval_set))])
+
+    def gap(model: nn.Module) -> float:
+        with torch.no_grad():
+            return float((model.eval()(probe).softmax(1) - teacher(probe).softmax(1)).abs().mean())
+
+    start = gap(student)
+    config = FinetuneConfig(cycles=3, batch_size=2, lr=0.05, device="cpu", bn_recal_batches=0, plot=False,
+                            seed=SEED, weight_decay=0.0)
+    finetune(student, dataset, None, config, loss_fn=DistillationLoss(teacher))
+    assert gap(student) < 0.5 * start, (start, gap(student))
+    after = teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # parameters and BN statistics unchanged
+    assert not teacher.training
