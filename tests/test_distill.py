@@ -145,3 +145,79 @@ def test_finetune_distils_a_converted_classifier_on_unlabeled_videos(tmp_path: P
     after = teacher.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # parameters and BN statistics unchanged
     assert not teacher.training
+
+
+# --------------------------------------------------------------------------------------------
+# The command line: stjfd finetune --unlabeled --distill
+# --------------------------------------------------------------------------------------------
+
+SAMPLE_SHAPE = (1, 3, 8, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def small_sample(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The bundled sample model converted with few atoms, and a folder of unlabeled videos (nested)."""
+    from stjfd_convert.sample import SAMPLE_MODEL_NAME, sample_model_files
+    from stjfd_convert.workflows import convert_checkpoint
+
+    root = tmp_path_factory.mktemp("distill")
+    result = convert_checkpoint(
+        sample_model_files().weights, ConvertConfig(spatial_atoms=2, temporal_atoms=1), model=SAMPLE_MODEL_NAME,
+        model_kwargs={"num_classes": 3}, input_shape=SAMPLE_SHAPE, output=root / "small",
+    )
+    make_video_dataset(root / "clips" / "day1", per_class=2, T=12, H=36, W=36, seed=SEED)
+    make_video_dataset(root / "clips" / "day2", per_class=1, T=12, H=36, W=36, seed=SEED + 1)
+    return {"root": root, "small": result.output, "clips": root / "clips"}
+
+
+def _distill_args(sample: dict[str, Path], run: Path, *extra: object) -> list[object]:
+    return ["finetune", sample["small"], sample["clips"], "--unlabeled", "--distill", "source", "--clip-len",
+            SAMPLE_SHAPE[2], "--size", SAMPLE_SHAPE[3], "--batch-size", 3, "--workers", 0, "--mean", "0,0,0", "--std",
+            "1,1,1", "--device", "cpu", "--lr", "0.02", "-o", run, *extra]
+
+
+def test_cli_distils_on_unlabeled_videos_and_resume_gives_the_same_result(
+    small_sample: dict[str, Path], tmp_path: Path
+) -> None:
+    import json
+
+    from cli_helpers import run_cli
+    from stjfd_convert.saved_model import load_converted
+
+    whole = tmp_path / "whole"
+    outcome = run_cli(_distill_args(small_sample, whole, "--json"))
+    assert outcome.exit_code == 0, outcome.output
+    config = json.loads((whole / "config.json").read_text())
+    assert config["distill"]["loss"] == "auto" and config["data"]["unlabeled"] is True
+    assert config["distill"]["teacher"].endswith(".safetensors")  # `source`: the checkpoint it was converted from
+    # An interrupted copy: stop after its first stage (a callback asks to stop), then resume.
+    from stjfd_convert.finetune import TrainingInterrupted, finetune_paths, resume
+    from stjfd_convert.finetune.events import BatchEnd
+
+    class StopInTheSpatialStage:
+        """Ctrl-C after the first micro-batch of epoch 1 (the spatial stage): the step is saved in last/."""
+
+        def __call__(self, event: object) -> None:
+            if isinstance(event, BatchEnd) and (event.epoch, event.batch) == (1, 1):
+                raise KeyboardInterrupt
+
+    split = tmp_path / "split"
+    with pytest.raises(TrainingInterrupted):
+        finetune_paths(
+            small_sample["small"], small_sample["clips"], FinetuneConfig(batch_size=3, lr=0.02, device="cpu", plot=False),
+            output=split, clip_len=SAMPLE_SHAPE[2], size=SAMPLE_SHAPE[3], mean=(0, 0, 0), std=(1, 1, 1),
+            unlabeled=True, distill="source", callbacks=[StopInTheSpatialStage()],
+        )
+    resumed = resume(split)
+    assert resumed.changed
+    a = load_converted(whole / "last").model.state_dict()
+    b = load_converted(split / "last").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_unlabeled_without_a_teacher_is_refused(small_sample: dict[str, Path], tmp_path: Path) -> None:
+    from cli_helpers import assert_one_error_line, run_cli
+
+    args = [a for a in _distill_args(small_sample, tmp_path / "run") if a not in ("--distill", "source")]
+    assert_one_error_line(run_cli(args), "--unlabeled", "--distill")
+    assert not (tmp_path / "run").exists()

@@ -322,6 +322,16 @@ def finetune(
     ),
     no_plot: bool = typer.Option(False, "--no-plot", help="do not draw training_curve.png"),
     pathway_strides: PathwayStridesOption = None,
+    unlabeled: bool = typer.Option(
+        False, "--unlabeled", help="every video under DATA_ROOT, no class folders, no labels (use with --distill)"
+    ),
+    distill: Optional[str] = typer.Option(
+        None, "--distill", help="learn from this frozen teacher (checkpoint or folder; `source`: the one converted)"
+    ),
+    distill_loss: str = typer.Option("auto", "--distill-loss", help="auto | kl | bce | mse, per output"),
+    distill_weight: float = typer.Option(
+        0.0, "--distill-weight", help="share of cross-entropy on labelled clips mixed into distillation (0..1)"
+    ),
     arch: ArchOption = None,
     model: ModelOption = None,
     model_kwargs: ModelKwargsOption = None,
@@ -385,7 +395,8 @@ def finetune(
                     frame_stride=frame_stride, val_split=val_split, mean=_parse_triple("--mean", mean),
                     std=_parse_triple("--std", std), val_clips_per_video=val_clips, arch=arch, model=model,
                     model_kwargs=kwargs, trust_pickle=trust_pickle, trust_code=trust_code, overwrite=force,
-                    command=command_line(),
+                    command=command_line(), unlabeled=unlabeled, distill=distill, distill_loss=distill_loss,
+                    distill_weight=distill_weight,
                     callbacks=[view], progress=view.indexing,
                 )
     except ft.TrainingInterrupted as exc:

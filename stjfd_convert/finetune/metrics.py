@@ -104,7 +104,8 @@ def plot_training_curve(records: Sequence[Mapping[str, Any]], path: str | Path, 
     ax_acc.set_xlabel("epoch")
     ax_acc.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.grid(True, alpha=0.3)
-    ax_acc.legend(loc="lower right", fontsize=8)
+    if ax_acc.get_legend_handles_labels()[0]:  # a distillation run on unlabeled clips has no accuracy
+        ax_acc.legend(loc="lower right", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
     path = Path(path)

@@ -18,7 +18,7 @@ from ..data.dataset import check_clip_fits
 from ..errors import ConfigError
 from ..inputs import attach_pathway_split, recorded_input
 from ..formats import CONFIG_FILE, LAST_DIR
-from ..models import ArchSpec
+from ..models import ArchSpec, is_trusted_builder
 from .checkpoint import ResumeError, _pretrained_normalization, load_training_state, read_run_config
 from .config import FinetuneConfig
 from .distributed import _Dist, _init_distributed
@@ -157,6 +157,15 @@ def resume(
         )
     run_info = {k: v for k, v in info.items() if k not in ("format", "version", "finetune", "classes", "world_size")}
     attach_pathway_split(loaded.model, config.pathway_strides, config.input_container)
+    if loss_fn is None and info.get("distill"):
+        builder = info["distill"].get("model")
+        if builder and not (trust_code or model == builder or is_trusted_builder(builder)):
+            raise ConfigError(
+                f"{run_dir}/{CONFIG_FILE} names the teacher's builder {builder!r}: loading it would run that code",
+                f"if you trust this run and that code, pass --trust-code (or --model {builder})",
+            )
+        loss_fn = _distillation_loss(info["distill"], trust_pickle=trust_pickle, trust_code=True,
+                                     label_smoothing=config.label_smoothing)
     return _train(
         lambda dist: _Trainer(
             loaded.model.train(), train_dataset, val_dataset, config, callbacks=callbacks, loss_fn=loss_fn,
@@ -170,10 +179,18 @@ def resume(
 def _build_data(
     data: Mapping[str, Any], root_override: str | Path | None, seed: int, progress: Callable[[int, int], None] | None
 ) -> tuple[Dataset, Dataset | None, list[str]]:
-    from ..data import build_datasets
+    from ..data import build_datasets, unlabeled_dataset
 
     root = Path(root_override) if root_override is not None else Path(data["root"])
     size = data["size"]
+    if data.get("unlabeled"):
+        # Every video under the root, no classes, no validation split: a distillation run.
+        train = unlabeled_dataset(
+            root, clip_len=int(data["clip_len"]), size=tuple(size) if isinstance(size, (list, tuple)) else int(size),
+            frame_stride=int(data.get("frame_stride", 1)), mean=data.get("mean"), std=data.get("std"), seed=seed,
+            progress=progress,
+        )
+        return train, None, []
     return build_datasets(
         root,
         clip_len=int(data["clip_len"]),
@@ -266,8 +283,18 @@ def finetune_paths(
     callbacks: Sequence[Callback] = (),
     loss_fn: LossFn | None = None,
     progress: Callable[[int, int], None] | None = None,
+    unlabeled: bool = False,
+    distill: str | Path | None = None,
+    distill_loss: str = "auto",
+    distill_weight: float = 0.0,
 ) -> FinetuneResult:
     """Load a converted-model folder (or a checkpoint: a plain model), build the datasets, fine-tune.
+
+    ``unlabeled``: every video under ``data_root`` (no class folders, no validation). ``distill``: a teacher
+    (a checkpoint or converted folder loaded with the same ``arch``/``model`` options, or ``"source"`` for the
+    checkpoint the converted folder was made from) that the model learns to reproduce
+    (:class:`~stjfd_convert.finetune.distill.DistillationLoss` with ``distill_loss``; ``distill_weight`` of
+    cross-entropy where clips have labels). Without a teacher, unlabeled data has nothing to learn from.
 
     Everything that can be wrong with the input is checked before the run folder ``output`` is created.
     The classifier is re-created when the model predicts another number of classes than the dataset has.
@@ -279,6 +306,11 @@ def finetune_paths(
     _check_stage_clips(config, clip_len, size)
     is_main = os.environ.get("RANK", "0") == "0"
     inputs, datasets = [model_source, *model_source_paths(model)], [data_root]
+    if unlabeled and distill is None and loss_fn is None:
+        raise ConfigError("--unlabeled clips have no labels to learn from", "add --distill ORIGINAL (or --distill source)")
+    teacher = _teacher_source(model_source, distill) if distill is not None else None
+    if teacher is not None:
+        inputs.append(teacher)  # the teacher is an input too: never replaced by --force
     if is_main:
         check_output(output, "run", force=overwrite, inputs=inputs, datasets=datasets)
     net, spec, source_info = _load_any_model(
@@ -289,6 +321,19 @@ def finetune_paths(
         # The converted folder records how its pathways are cut from one clip (convert --pathway-strides).
         config = replace(config, pathway_strides=tuple(source_info["pathway_strides"]),
                          input_container=source_info.get("input_container", "list"))
+    teacher_info = None
+    if teacher is not None:
+        teacher_arch, teacher_model, teacher_kwargs = arch, model, dict(model_kwargs) if model_kwargs else None
+        if arch is None and model is None and spec.kind in ("torchvision", "callable"):
+            # A checkpoint teacher without --arch/--model: the architecture the converted folder records
+            # (its builder already passed the trust check that loaded the student).
+            teacher_arch = spec.name if spec.kind == "torchvision" else None
+            teacher_model = spec.name if spec.kind == "callable" else None
+            teacher_kwargs = dict(spec.kwargs) if spec.kwargs else None
+        teacher_info = {"teacher": teacher, "loss": distill_loss, "weight": float(distill_weight),
+                        "arch": teacher_arch, "model": teacher_model, "model_kwargs": teacher_kwargs}
+        loss_fn = _distillation_loss(teacher_info, trust_pickle=trust_pickle, trust_code=trust_code,
+                                     label_smoothing=config.label_smoothing)
     if mean is None and std is None:
         mean, std = _pretrained_normalization(spec) or (None, None)
     data = {
@@ -300,13 +345,17 @@ def finetune_paths(
         "mean": list(mean) if mean is not None else None,
         "std": list(std) if std is not None else None,
         "val_clips_per_video": val_clips_per_video,
+        **({"unlabeled": True} if unlabeled else {}),
     }
     train_ds, val_ds, classes = _build_data(data, None, config.seed, progress)
     for dataset in (train_ds, val_ds):
         if dataset is not None:
             check_clip_fits(dataset)  # --clip-len 1000 on 32-frame videos: refused, not trained on looped frames
-    spec, note = adapt_classifier(net, spec, len(classes), seed=config.seed)
-    info = {"data": data, "model": {**source_info, "spec": spec.to_dict()}, "command": command}
+    note = None
+    if classes:  # a distillation run on unlabeled clips keeps the model's own head
+        spec, note = adapt_classifier(net, spec, len(classes), seed=config.seed)
+    info = {"data": data, "model": {**source_info, "spec": spec.to_dict()}, "command": command,
+            **({"distill": teacher_info} if teacher_info else {})}
     result = finetune(
         net, train_ds, val_ds, config, callbacks=callbacks, loss_fn=loss_fn, run_dir=output, spec=spec,
         classes=classes, overwrite=overwrite, run_info=info, inputs=inputs, datasets=datasets,
@@ -314,3 +363,37 @@ def finetune_paths(
     if note:
         result.notes.insert(0, note)
     return result
+
+
+def _teacher_source(model_source: str | Path, distill: str | Path) -> str:
+    """``--distill PATH``, or ``source``: the checkpoint the converted folder ``model_source`` was made from."""
+    if str(distill) != "source":
+        return str(Path(distill).absolute())
+    from ..saved_model import is_converted_dir, read_manifest
+
+    recorded = None
+    if is_converted_dir(Path(model_source)):
+        recorded = (read_manifest(Path(model_source)).get("source") or {}).get("path")
+    if not recorded or not Path(recorded).exists():
+        raise ConfigError(
+            f"--distill source: {model_source} records no source checkpoint that exists here"
+            + (f" ({recorded})" if recorded else ""),
+            "pass the original checkpoint: --distill ORIGINAL.pth",
+        )
+    return str(recorded)
+
+
+def _distillation_loss(
+    info: Mapping[str, Any], *, trust_pickle: bool, trust_code: bool, label_smoothing: float
+) -> LossFn:
+    """The :class:`DistillationLoss` a run's ``distill`` record describes (also what :func:`resume` rebuilds)."""
+    from .distill import DistillationLoss
+
+    teacher, _, _ = _load_any_model(
+        info["teacher"], arch=info.get("arch"), model=info.get("model"), model_kwargs=info.get("model_kwargs"),
+        trust_pickle=trust_pickle, trust_code=trust_code,
+    )
+    return DistillationLoss(
+        teacher.eval(), info.get("loss", "auto"), label_weight=float(info.get("weight", 0.0)),
+        label_smoothing=label_smoothing,
+    )
