@@ -221,3 +221,61 @@ def test_cli_unlabeled_without_a_teacher_is_refused(small_sample: dict[str, Path
     args = [a for a in _distill_args(small_sample, tmp_path / "run") if a not in ("--distill", "source")]
     assert_one_error_line(run_cli(args), "--unlabeled", "--distill")
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# stjfd compare: how close the converted (and distilled) model stays to its original
+# --------------------------------------------------------------------------------------------
+
+
+def test_event_onsets_are_matched_one_to_one_within_the_tolerance() -> None:
+    from stjfd_convert.compare import EventScores, match_events, onsets
+
+    assert onsets(torch.tensor([0, 1, 1, 0, 1, 0, 0, 1], dtype=torch.bool)) == [1, 4, 7]
+    assert match_events([1, 4, 7], [2, 4, 9], tolerance=1) == 2
+    assert match_events([3], [2, 4], tolerance=1) == 1  # one reference event matches once
+    scores = EventScores(original_events=3, converted_events=4, matched=3)
+    assert scores.precision == pytest.approx(0.75) and scores.recall == 1.0
+    assert scores.f1 == pytest.approx(2 * 0.75 / 1.75)
+    assert EventScores().f1 == 1.0  # no events on either side: nothing missed, nothing invented
+
+
+def test_a_model_compared_with_itself_agrees_on_every_output() -> None:
+    from stjfd_convert.compare import compare_on_clips
+
+    teacher = TwoHead().eval()
+    batches = [make_input(CLIP, seed=s) for s in range(3)]
+    result = compare_on_clips(teacher, copy.deepcopy(teacher), batches, threshold=0.5)
+    assert result.clips == 3 * CLIP[0] and [o.name for o in result.outputs] == ["output[0]", "output[1]['aux']"]
+    logits, events = result.outputs
+    assert logits.rel_error == 0.0 and logits.cosine == pytest.approx(1.0) and logits.top1_agreement == 1.0
+    assert events.top1_agreement is None and events.events is not None and events.events.f1 == 1.0
+
+
+def test_cli_compare_runs_before_and_after_distillation(small_sample: dict[str, Path], tmp_path: Path) -> None:
+    """The no-labels loop from the command line: convert (fixture) → compare → distil → compare.
+    (Whether distillation helps is checked on the library side, where the gap can be measured in
+    probabilities: logits' relative error is not shift-invariant, KL is.)"""
+    import json
+
+    from cli_helpers import assert_one_error_line, run_cli
+    from stjfd_convert.sample import sample_model_files
+
+    original = sample_model_files().weights
+    before = run_cli(["compare", original, small_sample["small"], small_sample["clips"], "--json"])
+    assert before.exit_code == 0, before.output
+    run = tmp_path / "kd"
+    trained = run_cli(_distill_args(small_sample, run, "--cycles", 3))
+    assert trained.exit_code == 0, trained.output
+    after = run_cli(["compare", original, run / "last", small_sample["clips"], "--json"])
+    assert after.exit_code == 0, after.output
+    (b,), (a,) = json.loads(before.stdout)["outputs"], json.loads(after.stdout)["outputs"]
+    clips = json.loads(before.stdout)["clips"]
+    assert clips == 9 and b["top1_agreement"] is not None and a["top1_agreement"] is not None
+    assert b["rel_error"] != a["rel_error"]  # the distilled weights were compared, not the converted ones
+    assert b["events"] is None  # logits: no per-frame events
+    text = run_cli(["compare", original, run / "last", small_sample["clips"]])
+    assert text.exit_code == 0 and "top-1 agreement" in text.stdout
+    assert_one_error_line(run_cli(["compare", original, small_sample["small"], tmp_path / "none"]), "not a folder")
+    assert_one_error_line(run_cli(["compare", original, small_sample["clips"], small_sample["clips"]]),
+                          "not a converted-model folder")
