@@ -50,6 +50,12 @@ def compare(
     original: Path = typer.Argument(..., help="the original: a checkpoint (or a converted folder)"),
     converted: Path = typer.Argument(..., help="the converted folder (from convert, swap, or a run's best/)"),
     clips: Path = typer.Argument(..., help="folder of held-out videos (searched recursively, no labels needed)"),
+    # How ORIGINAL is loaded (a checkpoint defaults to the architecture CONVERTED records):
+    arch: ArchOption = None,
+    model: ModelOption = None,
+    model_kwargs: ModelKwargsOption = None,
+    trust_pickle: TrustPickleOption = False,
+    trust_code: TrustCodeOption = False,
     clip_len: Optional[int] = typer.Option(None, "--clip-len", help="default: as the converted folder records"),
     size: Optional[str] = typer.Option(None, "--size", help="N or HEIGHT,WIDTH (default: as recorded)"),
     mean: Optional[str] = typer.Option(None, "--mean", help="R,G,B mean (default: as recorded)"),
@@ -58,11 +64,6 @@ def compare(
     threshold: float = typer.Option(0.5, "--threshold", help="per-frame probability that counts as an event"),
     tolerance: int = typer.Option(1, "--tolerance", help="frames an event may move and still match"),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | auto"),
-    arch: ArchOption = None,
-    model: ModelOption = None,
-    model_kwargs: ModelKwargsOption = None,
-    trust_pickle: TrustPickleOption = False,
-    trust_code: TrustCodeOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Relative error, cosine similarity, top-1 agreement and per-frame event F1 of every output."""
