@@ -6,8 +6,8 @@ each output tensor they return (tensor / tuple / list / dict, matched by positio
 - ``rel_error``: ‖converted − original‖ / ‖original‖ over all clips;
 - ``cosine``: the mean, over clips, of the cosine similarity of the two outputs;
 - ``top1_agreement``: for a classifier's [B, K > 1] logits, the share of clips whose arg-max agrees;
-- ``events`` (precision, recall, F1): for per-frame probabilities [B, T] (an output whose values all lie in
-  [0, 1], which is read as probabilities rather than logits), the onsets of
+- ``events`` (precision, recall, F1): for per-frame probabilities [B, T] (any [B, N] output whose values all
+  lie in [0, 1]; small logits do too, so a classifier may get both figures), the onsets of
   ``p ≥ threshold`` in the converted model's output matched one-to-one to the original's within
   ± ``tolerance`` frames.
 """
@@ -136,12 +136,12 @@ class _Running:
 
     def result(self) -> OutputComparison:
         rel = math.sqrt(self.diff_sq / self.ref_sq) if self.ref_sq > 0 else math.sqrt(self.diff_sq)
-        # A [B, N] output entirely in [0, 1] is read as per-frame probabilities, anything else [B, K > 1] as logits.
+        # Which reading fits is the user's to say (small logits lie in [0, 1] too): a [B, K > 1] output gets
+        # top-1 agreement, and one whose values all lie in [0, 1] also gets per-frame event scores.
         per_frame = self.probabilities and len(self.shape) == 1
-        classifier = self.classifier and not per_frame
         return OutputComparison(
             self.name, self.shape, rel, self.cosine_sum / max(self.count, 1),
-            self.agree / self.count if classifier and self.count else None,
+            self.agree / self.count if self.classifier and self.count else None,
             self.events if per_frame else None,
         )
 
@@ -249,7 +249,7 @@ def compare_paths(
         config = type(config)(**{**config.__dict__, "mean": tuple(norm["mean"]), "std": tuple(norm["std"])})
     dataset = unlabeled_dataset(
         clips, clip_len=config.clip_len, size=config.size, frame_stride=config.frame_stride, train=False,
-        mean=config.mean, std=config.std,
+        mean=config.mean, std=config.std, layout=config.layout, dtype=config.dtype,
     )
     _, _, container, strides = recorded_input(student.manifest)
     for net in (teacher, student.model):

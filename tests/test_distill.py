@@ -249,7 +249,7 @@ def test_a_model_compared_with_itself_agrees_on_every_output() -> None:
     assert result.clips == 3 * CLIP[0] and [o.name for o in result.outputs] == ["output[0]", "output[1]['aux']"]
     logits, events = result.outputs
     assert logits.rel_error == 0.0 and logits.cosine == pytest.approx(1.0) and logits.top1_agreement == 1.0
-    assert events.top1_agreement is None and events.events is not None and events.events.f1 == 1.0
+    assert events.events is not None and events.events.f1 == 1.0
 
 
 def test_cli_compare_runs_before_and_after_distillation(small_sample: dict[str, Path], tmp_path: Path) -> None:
@@ -273,9 +273,69 @@ def test_cli_compare_runs_before_and_after_distillation(small_sample: dict[str, 
     clips = json.loads(before.stdout)["clips"]
     assert clips == 9 and b["top1_agreement"] is not None and a["top1_agreement"] is not None
     assert b["rel_error"] != a["rel_error"]  # the distilled weights were compared, not the converted ones
-    assert b["events"] is None  # logits: no per-frame events
+    assert b["cosine"] is not None
     text = run_cli(["compare", original, run / "last", small_sample["clips"]])
     assert text.exit_code == 0 and "top-1 agreement" in text.stdout
     assert_one_error_line(run_cli(["compare", original, small_sample["small"], tmp_path / "none"]), "not a folder")
     assert_one_error_line(run_cli(["compare", original, small_sample["clips"], small_sample["clips"]]),
                           "not a converted-model folder")
+
+
+# --------------------------------------------------------------------------------------------
+# A model nobody here wrote: uint8 frames [B, T, H, W, 3] in, (logits, {"aux": per-frame sigmoid}) out
+# --------------------------------------------------------------------------------------------
+
+TOY_SOURCE = '''
+import torch
+from torch import nn
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv3d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv3d(6, 6, 3, padding=1), nn.ReLU())
+        self.clip_head = nn.Linear(6, 3)
+        self.frame_head = nn.Conv3d(6, 1, 1)
+
+    def forward(self, frames):
+        x = frames.permute(0, 4, 1, 2, 3).float() / 255  # uint8 [B, T, H, W, 3] -> float [B, 3, T, H, W]
+        features = self.body(x)
+        events = torch.sigmoid(self.frame_head(features).mean(dim=(3, 4))).squeeze(1)
+        return self.clip_head(features.mean(dim=(2, 3, 4))), {"aux": events}
+
+
+def build():
+    return Toy()
+'''
+
+
+def test_cli_uint8_channels_last_two_head_model_is_converted_distilled_and_compared(tmp_path: Path) -> None:
+    import json
+    import importlib.util
+
+    from cli_helpers import run_cli
+
+    (tmp_path / "toy.py").write_text(TOY_SOURCE)
+    spec = importlib.util.spec_from_file_location("toy_for_distill", tmp_path / "toy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    torch.manual_seed(SEED)
+    torch.save(module.build().state_dict(), tmp_path / "toy.pth")
+    model = ["--model", f"{tmp_path / 'toy.py'}:build"]
+    outcome = run_cli(["convert", tmp_path / "toy.pth", *model, "--input-shape", "1,8,32,32,3", "--input-dtype",
+                       "uint8", "--atoms", 2, "--temporal-atoms", 1, "-o", tmp_path / "conv", "--json"])
+    assert outcome.exit_code == 0, outcome.output
+    assert [o["name"] for o in json.loads(outcome.stdout)["parity"]["outputs"]] == ["output[0]", "output[1]['aux']"]
+    make_video_dataset(tmp_path / "clips", per_class=1, T=12, H=36, W=36, seed=SEED)
+    run = tmp_path / "kd"
+    outcome = run_cli(["finetune", tmp_path / "conv", tmp_path / "clips", *model, "--unlabeled", "--distill", "source",
+                       "--input-layout", "BTHWC", "--input-dtype", "uint8", "--clip-len", 8, "--size", 32,
+                       "--batch-size", 3, "--workers", 0, "--device", "cpu", "-o", run, "--json"])
+    assert outcome.exit_code == 0, outcome.output
+    stages = json.loads(outcome.stdout)["stages"]
+    assert [s["input_shape"] for s in stages] == [[3, 8, 16, 16, 3], [3, 4, 32, 32, 3]]  # B,T,H,W,C per stage
+    outcome = run_cli(["compare", tmp_path / "toy.pth", run / "last", tmp_path / "clips", *model, "--json"])
+    assert outcome.exit_code == 0, outcome.output
+    logits, events = json.loads(outcome.stdout)["outputs"]
+    assert logits["top1_agreement"] is not None and events["events"] is not None
+    assert 0.0 <= events["events"]["f1"] <= 1.0

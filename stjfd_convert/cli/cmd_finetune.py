@@ -22,12 +22,15 @@ from . import render
 from .app import EXIT_INTERRUPTED, EXIT_TERMINATED, app, command_line, guarded
 from .options import (
     ArchOption,
+    InputDtypeOption,
+    InputLayoutOption,
     JsonOption,
     ModelKwargsOption,
     ModelOption,
     PathwayStridesOption,
     TrustCodeOption,
     TrustPickleOption,
+    clip_layout,
 )
 from .render import FitTable as Table  # wraps rather than cuts on a narrow terminal
 
@@ -322,6 +325,8 @@ def finetune(
     ),
     no_plot: bool = typer.Option(False, "--no-plot", help="do not draw training_curve.png"),
     pathway_strides: PathwayStridesOption = None,
+    input_layout: InputLayoutOption = "BCTHW",
+    input_dtype: InputDtypeOption = "float32",
     unlabeled: bool = typer.Option(
         False, "--unlabeled", help="every video under DATA_ROOT, no class folders, no labels (use with --distill)"
     ),
@@ -396,7 +401,7 @@ def finetune(
                     std=_parse_triple("--std", std), val_clips_per_video=val_clips, arch=arch, model=model,
                     model_kwargs=kwargs, trust_pickle=trust_pickle, trust_code=trust_code, overwrite=force,
                     command=command_line(), unlabeled=unlabeled, distill=distill, distill_loss=distill_loss,
-                    distill_weight=distill_weight,
+                    distill_weight=distill_weight, layout=clip_layout(input_layout), dtype=input_dtype,
                     callbacks=[view], progress=view.indexing,
                 )
     except ft.TrainingInterrupted as exc:

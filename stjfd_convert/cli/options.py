@@ -46,6 +46,28 @@ PathwayStridesOption = Annotated[
         "default: what the model records",
     ),
 ]
+InputLayoutOption = Annotated[
+    str,
+    typer.Option(
+        "--input-layout", help="how the model takes a clip batch: BCTHW (torchvision) | BTHWC (frames, RGB last) | BTCHW"
+    ),
+]
+InputDtypeOption = Annotated[
+    str, typer.Option("--input-dtype", help="float32 (normalised with --mean/--std) | uint8 (raw 0-255 frames)")
+]
+
+
+def clip_layout(value: str) -> str:
+    """``--input-layout BTHWC`` → the per-clip layout the datasets use (``THWC``)."""
+    from ..errors import ConfigError
+
+    text = value.strip().upper()
+    layouts = {"BCTHW": "CTHW", "BTHWC": "THWC", "BTCHW": "TCHW"}
+    if text in layouts.values():
+        return text
+    if text not in layouts:
+        raise ConfigError(f"unknown --input-layout {value!r}", "use BCTHW, BTHWC or BTCHW")
+    return layouts[text]
 
 
 def input_shape_value(values: Optional[List[str]]) -> Any:

@@ -172,6 +172,8 @@ def _clip_description(dataset: Dataset | None) -> dict[str, Any] | None:
         "mean": list(config.mean) if config.mean else None,
         "std": list(config.std) if config.std else None,
         "clips_per_video": config.clips_per_video,
+        "layout": config.layout,
+        "dtype": config.dtype,
     }
 
 

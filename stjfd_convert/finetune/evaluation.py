@@ -425,4 +425,5 @@ def _recorded_clip_config(
         frame_stride=int(frame_stride or clip.get("frame_stride") or 1), resize=clip.get("resize"), train=False,
         clips_per_video=int(clips_per_video or clip.get("clips_per_video") or 1),
         mean=tuple(mean) if mean is not None else None, std=tuple(std) if std is not None else None,
+        layout=str(clip.get("layout") or "CTHW"), dtype=str(clip.get("dtype") or "float32"),
     )

@@ -183,12 +183,13 @@ def _build_data(
 
     root = Path(root_override) if root_override is not None else Path(data["root"])
     size = data["size"]
+    tensors = {"layout": str(data.get("layout") or "CTHW"), "dtype": str(data.get("dtype") or "float32")}
     if data.get("unlabeled"):
         # Every video under the root, no classes, no validation split: a distillation run.
         train = unlabeled_dataset(
             root, clip_len=int(data["clip_len"]), size=tuple(size) if isinstance(size, (list, tuple)) else int(size),
             frame_stride=int(data.get("frame_stride", 1)), mean=data.get("mean"), std=data.get("std"), seed=seed,
-            progress=progress,
+            progress=progress, **tensors,
         )
         return train, None, []
     return build_datasets(
@@ -203,6 +204,7 @@ def _build_data(
         val_clips_per_video=int(data.get("val_clips_per_video", 1)),
         progress=progress,
         check_classes=True,
+        **tensors,
     )
 
 
@@ -287,6 +289,8 @@ def finetune_paths(
     distill: str | Path | None = None,
     distill_loss: str = "auto",
     distill_weight: float = 0.0,
+    layout: str = "CTHW",
+    dtype: str = "float32",
 ) -> FinetuneResult:
     """Load a converted-model folder (or a checkpoint: a plain model), build the datasets, fine-tune.
 
@@ -295,6 +299,8 @@ def finetune_paths(
     checkpoint the converted folder was made from) that the model learns to reproduce
     (:class:`~stjfd_convert.finetune.distill.DistillationLoss` with ``distill_loss``; ``distill_weight`` of
     cross-entropy where clips have labels). Without a teacher, unlabeled data has nothing to learn from.
+    ``layout`` (``CTHW`` | ``TCHW`` | ``THWC`` per clip, batched as B…) and ``dtype`` (``float32``
+    normalised | ``uint8`` raw 0–255) make the clips what the model takes; the stages downsample them alike.
 
     Everything that can be wrong with the input is checked before the run folder ``output`` is created.
     The classifier is re-created when the model predicts another number of classes than the dataset has.
@@ -346,6 +352,8 @@ def finetune_paths(
         "std": list(std) if std is not None else None,
         "val_clips_per_video": val_clips_per_video,
         **({"unlabeled": True} if unlabeled else {}),
+        **({"layout": layout} if layout != "CTHW" else {}),
+        **({"dtype": dtype} if dtype != "float32" else {}),
     }
     train_ds, val_ds, classes = _build_data(data, None, config.seed, progress)
     for dataset in (train_ds, val_ds):

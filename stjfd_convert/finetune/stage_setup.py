@@ -145,10 +145,13 @@ class _StageSetup(_RunFolder):
     def _stage_clips(self, clips: Tensor, stage: str) -> Tensor:
         from ..data import downsample_clip
 
+        layout = getattr(getattr(self.train_dataset, "config", None), "layout", "CTHW")  # uint8 THWC clips too
         if stage == "temporal" and self.config.spatial_downsample > 1:
-            return downsample_clip(clips, spatial=self.config.spatial_downsample, mode=self.config.downsample_mode)
+            return downsample_clip(
+                clips, spatial=self.config.spatial_downsample, mode=self.config.downsample_mode, layout=layout
+            )
         if stage == "spatial" and self.config.temporal_downsample > 1:
-            return downsample_clip(clips, temporal=self.config.temporal_downsample)
+            return downsample_clip(clips, temporal=self.config.temporal_downsample, layout=layout)
         return clips
 
     def _measure_first_step(self, plan: StagePlan) -> contextlib.AbstractContextManager[Any]:

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from ..errors import ConfigError
 from ..formats import BEST_DIR, LAST_DIR
 from ..models import ArchSpec
+from ..parity import flatten_outputs
 from ..stages import disable_activation_checkpointing, enable_activation_checkpointing
 from .checkpoint import (
     TrainingInterrupted, _Position, _rng_state, _seed_everything, _set_rng_state, _SignalFlag, stopped_at_once,
@@ -261,8 +262,10 @@ class _Trainer(_StageSetup):
                 loss, extras = value if isinstance(value, tuple) else (value, {})
                 loss = loss.float()
             keep = labels >= 0
-            hits = outputs.detach().argmax(1)[keep] == labels[keep]
-            correct = float(hits.sum()) if hits.numel() else 0.0
+            correct = 0.0
+            if bool(keep.any()):  # unlabeled clips (distillation) have no accuracy; the first output is the logits
+                logits = outputs if isinstance(outputs, Tensor) else flatten_outputs(outputs)[0][1]
+                correct = float((logits.detach().argmax(1)[keep] == labels[keep]).sum())
             detached = float(loss.detach())
             finite = math.isfinite(detached)
             local_stop = flag.requested or callback_stop
