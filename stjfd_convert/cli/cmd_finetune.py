@@ -36,14 +36,6 @@ from .render import FitTable as Table  # wraps rather than cuts on a narrow term
 
 MIB = 2**20
 
-# Options that shape the run; they are fixed once it started (``--resume`` takes them from config.json).
-_TRAINING_OPTIONS = (
-    "schedule", "cycles", "epochs_per_stage", "spatial_downsample", "temporal_downsample", "batch_size", "optimizer",
-    "lr", "momentum", "weight_decay", "lr_schedule", "warmup_epochs", "lr_step_epochs", "lr_gamma", "label_smoothing",
-    "grad_clip", "amp", "amp_dtype", "grad_accum", "checkpoint_activations", "device", "seed", "bn_recal_batches",
-    "log_every", "pathway_strides",
-)
-
 
 def _is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
