@@ -59,6 +59,9 @@ def test_auto_picks_kl_for_logits_bce_for_probabilities_mse_otherwise() -> None:
     assert loss.kind_for(torch.randn(4, 8, 2, 2)) == "mse"
     assert loss.kind_for(torch.randn(4, 1)) == "mse"
     assert DistillationLoss(_classifier(), "mse").kind_for(torch.randn(4, 3)) == "mse"
+    two_head = DistillationLoss(TwoHead().eval())
+    two_head(_ctx(TwoHead().eval(), make_input(CLIP, seed=SEED)))
+    assert two_head.kinds == {"output[0]": "kl", "output[1]['aux']": "bce"}  # decided once, kept for the run
 
 
 def test_the_student_equal_to_its_teacher_has_zero_loss_and_every_output_is_matched() -> None:

@@ -10,7 +10,8 @@ models return is matched (tensor / tuple / list / dict, by position and key). Pe
   (a per-frame event model that ends in a sigmoid);
 - ``mse``: mean squared error, for anything else (features, regression, logits of other shapes);
 - ``auto`` (default) picks per output: ``bce`` when the teacher's values all lie in [0, 1], ``kl`` for a 2-D
-  [B, K > 1] output, else ``mse``.
+  [B, K > 1] output, else ``mse`` — decided on the first batch and kept for the run (``kinds``), so the
+  objective does not change as training moves the outputs.
 
 ``label_weight`` > 0 mixes in cross-entropy on the first output for clips that have labels (label −1 =
 unlabeled, ignored). The teacher never trains: its parameters are frozen and it stays in eval mode (its
@@ -58,6 +59,7 @@ class DistillationLoss(nn.Module):
             parameter.requires_grad_(False)
         self.teacher.eval()
         self.kind, self.temperature = kind, float(temperature)
+        self.kinds: dict[str, str] = {}  # per output name, decided on the first batch and kept (one objective)
         self.label_weight, self.label_smoothing = float(label_weight), float(label_smoothing)
 
     def train(self, mode: bool = True) -> DistillationLoss:
@@ -77,9 +79,9 @@ class DistillationLoss(nn.Module):
             return "kl"
         return "mse"
 
-    def _one(self, student: Tensor, teacher: Tensor) -> Tensor:
+    def _one(self, name: str, student: Tensor, teacher: Tensor) -> Tensor:
         student, teacher = student.float(), teacher.float()
-        kind = self.kind_for(teacher)
+        kind = self.kinds.setdefault(name, self.kind_for(teacher))
         if kind == "kl":
             t = self.temperature
             flat_s, flat_t = student.reshape(student.shape[0], -1), teacher.reshape(teacher.shape[0], -1)
@@ -111,7 +113,9 @@ class DistillationLoss(nn.Module):
                 "distil from the model this one was converted from (--distill ORIGINAL with its --model)",
             )
         with torch.autocast(ctx.clips.device.type, enabled=False):
-            distill = torch.stack([self._one(s, t) for (_, s), (_, t) in zip(student_outputs, teacher_outputs)]).mean()
+            distill = torch.stack(
+                [self._one(name, s, t) for (name, s), (_, t) in zip(student_outputs, teacher_outputs)]
+            ).mean()
             extras: dict[str, float] = {"distill": float(distill.detach())}
             loss = distill
             labelled = ctx.labels >= 0
