@@ -235,18 +235,13 @@ def compare_paths(
         raise ConfigError(f"{clips} is not a folder of videos", "pass the folder holding the held-out clips")
     student = load_converted(converted, trust_pickle=trust_pickle, trust_code=trust_code, model=model)
     spec = student.spec
-    if arch is None and model is None and spec.kind in ("torchvision", "callable") and not is_converted_dir(Path(original)):
-        arch = spec.name if spec.kind == "torchvision" else None
-        model = spec.name if spec.kind == "callable" else None
-        model_kwargs = model_kwargs or (dict(spec.kwargs) if spec.kwargs else None)
+    if arch is None and model is None and not is_converted_dir(Path(original)):
+        arch, model, model_kwargs = spec.loader_options(model_kwargs)
     teacher, _, _ = _load_any_model(original, arch=arch, model=model, model_kwargs=model_kwargs,
                                     trust_pickle=trust_pickle, trust_code=trust_code)
     clip = ((student.manifest.get("finetune") or {}).get("clip") or {}) if isinstance(student.manifest.get("finetune"), dict) else {}
     config = _recorded_clip_config(converted, student, clip, clip_len=clip_len, size=size, frame_stride=None,
                                    clips_per_video=None, mean=mean, std=std)
-    if mean is None and std is None and config.mean is None and student.manifest.get("normalization"):
-        norm = student.manifest["normalization"]
-        config = type(config)(**{**config.__dict__, "mean": tuple(norm["mean"]), "std": tuple(norm["std"])})
     dataset = unlabeled_dataset(
         clips, clip_len=config.clip_len, size=config.size, frame_stride=config.frame_stride, train=False,
         mean=config.mean, std=config.std, layout=config.layout, dtype=config.dtype,

@@ -50,11 +50,7 @@ def parse_dtype(name: str) -> torch.dtype:
 
 def make_input(shape: Sequence[int], dtype: torch.dtype = torch.float32, *, seed: int = 0) -> Tensor:
     """A reproducible clip: N(0,1) for float dtypes, uniform 0..255 (or the dtype's range) for ints."""
-    generator = torch.Generator().manual_seed(seed)
-    if dtype.is_floating_point:
-        return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(dtype)
-    high = 256 if dtype == torch.uint8 else 128
-    return torch.randint(0, high, tuple(shape), generator=generator).to(dtype)
+    return make_model_input(tuple(int(v) for v in shape), dtype, seed=seed)  # type: ignore[return-value]
 
 
 def flatten_outputs(output: Any, prefix: str = "output") -> list[tuple[str, Tensor]]:

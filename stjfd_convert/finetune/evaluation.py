@@ -340,7 +340,7 @@ def _outputs(model: nn.Module) -> int | None:
 
 
 def _padded(names: Sequence[str], outputs: int | None) -> list[str]:
-    """``names`` then a placeholder per output that no class maps to (so every prediction has a column)."""
+    """``names``, then the label ``output i`` for each output no class maps to (every prediction gets a column)."""
     return [*names, *(f"output {i}" for i in range(len(names), outputs or 0))]
 
 
@@ -418,6 +418,9 @@ def _recorded_clip_config(
         raise ConfigError(f"{model_dir} records no clip size", "pass --clip-len and --size")
     if mean is None and std is None:
         mean, std = clip.get("mean"), clip.get("std")
+        recorded = loaded.manifest.get("normalization")  # what convert recorded (e.g. the sample model's 0/1)
+        if mean is None and isinstance(recorded, dict) and recorded.get("mean") and recorded.get("std"):
+            mean, std = recorded["mean"], recorded["std"]
         if mean is None:
             mean, std = _pretrained_normalization(loaded.spec) or (mean, std)
     return ClipConfig(

@@ -330,12 +330,10 @@ def finetune_paths(
     teacher_info = None
     if teacher is not None:
         teacher_arch, teacher_model, teacher_kwargs = arch, model, dict(model_kwargs) if model_kwargs else None
-        if arch is None and model is None and spec.kind in ("torchvision", "callable"):
+        if arch is None and model is None:
             # A checkpoint teacher without --arch/--model: the architecture the converted folder records
             # (its builder already passed the trust check that loaded the student).
-            teacher_arch = spec.name if spec.kind == "torchvision" else None
-            teacher_model = spec.name if spec.kind == "callable" else None
-            teacher_kwargs = dict(spec.kwargs) if spec.kwargs else None
+            teacher_arch, teacher_model, teacher_kwargs = spec.loader_options()
         teacher_info = {"teacher": teacher, "loss": distill_loss, "weight": float(distill_weight),
                         "arch": teacher_arch, "model": teacher_model, "model_kwargs": teacher_kwargs}
         loss_fn = _distillation_loss(teacher_info, trust_pickle=trust_pickle, trust_code=trust_code,

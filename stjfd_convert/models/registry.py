@@ -86,6 +86,18 @@ class ArchSpec:
             )
         return cls(kind=kind, name=name, kwargs=dict(kwargs))
 
+    def loader_options(
+        self, model_kwargs: Mapping[str, Any] | None = None
+    ) -> tuple[str | None, str | None, dict[str, Any] | None]:
+        """``(arch, model, model_kwargs)`` that load a checkpoint of this architecture with ``load_model``
+        (``model_kwargs`` given win over the recorded ones); a pickled architecture gives no builder."""
+        kwargs = dict(model_kwargs) if model_kwargs else (dict(self.kwargs) if self.kwargs else None)
+        if self.kind == "torchvision":
+            return self.name, None, kwargs
+        if self.kind == "callable":
+            return None, self.name, kwargs
+        return None, None, dict(model_kwargs) if model_kwargs else None
+
     def describe(self) -> str:
         """Short human form, e.g. ``r3d_18(num_classes=10)``."""
         args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
