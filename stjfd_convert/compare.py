@@ -146,6 +146,13 @@ class _Running:
         )
 
 
+def _check_event_options(threshold: float, tolerance: int) -> None:
+    if not 0.0 < threshold < 1.0:
+        raise ConfigError(f"--threshold must be between 0 and 1, got {threshold}", "e.g. --threshold 0.5")
+    if tolerance < 0:
+        raise ConfigError(f"--tolerance must be ≥ 0 frames, got {tolerance}", "e.g. --tolerance 1")
+
+
 def compare_on_clips(
     original: nn.Module,
     converted: nn.Module,
@@ -159,10 +166,7 @@ def compare_on_clips(
     """Run both models on every batch of clips (``clips`` or ``(clips, labels)``) and compare every output."""
     import time
 
-    if not 0.0 < threshold < 1.0:
-        raise ConfigError(f"--threshold must be between 0 and 1, got {threshold}", "e.g. --threshold 0.5")
-    if tolerance < 0:
-        raise ConfigError(f"--tolerance must be ≥ 0 frames, got {tolerance}", "e.g. --tolerance 1")
+    _check_event_options(threshold, tolerance)
     start = time.perf_counter()
     original, converted = original.eval().to(device), converted.eval().to(device)
     running: list[_Running] | None = None
@@ -226,7 +230,10 @@ def compare_paths(
     from .inputs import attach_pathway_split, recorded_input
     from .saved_model import is_converted_dir, load_converted
 
+    _check_event_options(threshold, tolerance)
     device = check_device(device)
+    if not Path(original).exists():
+        raise ConfigError(f"{original} does not exist", "pass the original checkpoint (or converted folder)")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be ≥ 1, got {batch_size}", "e.g. --batch-size 4")
     if not is_converted_dir(Path(converted)):

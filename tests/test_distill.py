@@ -211,6 +211,15 @@ def test_cli_distils_on_unlabeled_videos_and_resume_gives_the_same_result(
             output=split, clip_len=SAMPLE_SHAPE[2], size=SAMPLE_SHAPE[3], mean=(0, 0, 0), std=(1, 1, 1),
             unlabeled=True, distill="source", callbacks=[StopInTheSpatialStage()],
         )
+    # An edited config.json naming another teacher builder is data, not code: resume refuses to run it.
+    config_path = split / "config.json"
+    original_config = config_path.read_text()
+    edited = json.loads(original_config)
+    edited["distill"]["model"] = "os:system"
+    config_path.write_text(json.dumps(edited))
+    with pytest.raises(ConfigError, match="os:system"):
+        resume(split)
+    config_path.write_text(original_config)
     resumed = resume(split)
     assert resumed.changed
     a = load_converted(whole / "last").model.state_dict()

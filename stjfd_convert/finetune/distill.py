@@ -35,6 +35,16 @@ DISTILL_LOSSES = ("auto", "mse", "kl", "bce")
 _PROBABILITY_EPS = 1e-6  # BCE on probabilities: keep log() finite at exactly 0 or 1
 
 
+def check_distill_options(kind: str, label_weight: float, temperature: float = 2.0) -> None:
+    """``--distill-loss``, ``--distill-weight`` and the temperature, checked before any model is loaded."""
+    if kind not in DISTILL_LOSSES:
+        raise ConfigError(f"unknown --distill-loss {kind!r}", f"use one of {', '.join(DISTILL_LOSSES)}")
+    if not temperature > 0:
+        raise ConfigError(f"the distillation temperature must be > 0, got {temperature}", "e.g. 2")
+    if not 0.0 <= label_weight <= 1.0:
+        raise ConfigError(f"--distill-weight must be in [0, 1], got {label_weight}", "e.g. 0.5, or 0 without labels")
+
+
 class DistillationLoss(nn.Module):
     """``loss(ctx) -> (loss, {"distill": …, "label": …})`` against a frozen ``teacher`` (see the module doc)."""
 
@@ -48,12 +58,7 @@ class DistillationLoss(nn.Module):
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
-        if kind not in DISTILL_LOSSES:
-            raise ConfigError(f"unknown --distill-loss {kind!r}", f"use one of {', '.join(DISTILL_LOSSES)}")
-        if not temperature > 0:
-            raise ConfigError(f"the distillation temperature must be > 0, got {temperature}", "e.g. 2")
-        if not 0.0 <= label_weight <= 1.0:
-            raise ConfigError(f"--distill-weight must be in [0, 1], got {label_weight}", "e.g. 0.5, or 0 without labels")
+        check_distill_options(kind, label_weight, temperature)
         self.teacher = teacher
         for parameter in self.teacher.parameters():
             parameter.requires_grad_(False)

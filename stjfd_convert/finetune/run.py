@@ -314,6 +314,10 @@ def finetune_paths(
     inputs, datasets = [model_source, *model_source_paths(model)], [data_root]
     if unlabeled and distill is None and loss_fn is None:
         raise ConfigError("--unlabeled clips have no labels to learn from", "add --distill ORIGINAL (or --distill source)")
+    if distill is not None:
+        from .distill import check_distill_options
+
+        check_distill_options(distill_loss, distill_weight)
     teacher = _teacher_source(model_source, distill) if distill is not None else None
     if teacher is not None:
         inputs.append(teacher)  # the teacher is an input too: never replaced by --force
