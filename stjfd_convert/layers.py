@@ -12,7 +12,11 @@ The factorised *parameters* are kept apart from how the layer is *executed* (``m
 
 All forms give the same result to float rounding (see ``functional/conv.py``). Weights derived
 from the parameters (the fused W, the folded A·Ψ / A·Φ) are cached while no gradient is needed
-and rebuilt as soon as a parameter changes, so ``fused`` costs the same as the original conv.
+and rebuilt as soon as a parameter changes, so ``fused`` costs the same as the original conv. Without
+gradients the per-call Python work is kept to what ``nn.Conv3d`` does: a cache check on the
+parameters' version counters and storage, a plan lookup keyed on ``(shape, dtype, device)`` (re-resolved
+only when the plan changes), and one ``F.conv3d`` with padding arguments worked out once
+(``benchmarks/bench_overhead.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import math
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -30,6 +35,8 @@ from .functional.conv import (
     ConvGeometry,
     atoms_first_conv3d,
     fused_conv3d,
+    pad_amounts,
+    pad_mode,
     reconstruct_weight,
     sandwich_conv3d,
     spatial_first_conv3d,
@@ -50,6 +57,54 @@ def plan_key(x: Tensor) -> str:
 
 
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+
+
+class ExecutionPlanEntries(dict):
+    """A layer's execution plan, ``plan_key(x) → form``: a dict that counts its changes.
+
+    ``mode="auto"`` resolves each input once and reuses the answer while ``version`` is unchanged, so a
+    plan edited in place (``layer.plan[key] = form``, as ``planner.apply_plan`` does) is still followed.
+    """
+
+    version = 0
+
+    def _changed(self) -> None:
+        self.version += 1
+
+    def __setitem__(self, key: str, value: str) -> None:
+        super().__setitem__(key, value)
+        self._changed()
+
+    def __delitem__(self, key: str) -> None:
+        super().__delitem__(key)
+        self._changed()
+
+    def __ior__(self, other: Any) -> "ExecutionPlanEntries":
+        self.update(other)
+        return self
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        super().update(*args, **kwargs)
+        self._changed()
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        value = super().setdefault(key, default)
+        self._changed()
+        return value
+
+    def pop(self, *args: Any) -> Any:
+        value = super().pop(*args)
+        self._changed()
+        return value
+
+    def popitem(self) -> tuple[str, str]:
+        item = super().popitem()
+        self._changed()
+        return item
+
+    def clear(self) -> None:
+        super().clear()
+        self._changed()
 
 
 def default_temporal_atoms(length: int) -> int:
@@ -132,9 +187,10 @@ class DecomposedConv3d(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.reconstruction_error: float | None = None
         # Execution plan for mode="auto": plan_key(x) → form (filled by planner.apply_plan / the manifest).
-        self.plan: dict[str, str] = {}
-        self._auto_choices: dict[str, str] = {}
+        self.plan = {}
         self._derived_cache: dict[str, tuple[tuple, Tensor]] = {}
+        # (F.pad amounts or None, pad mode, conv padding) of the fused conv, for the geometry they were made for.
+        self._fused_padding: tuple[ConvGeometry, list[int] | None, str, tuple[int, int, int]] | None = None
         self.reset_parameters()
 
     # --- nn.Conv3d-compatible attributes -------------------------------------------------------
@@ -179,6 +235,18 @@ class DecomposedConv3d(nn.Module):
         if value not in MODES:
             raise ConfigError(f"unknown execution mode {value!r}", f"use one of {', '.join(MODES)}")
         self._mode = value
+
+    @property
+    def plan(self) -> ExecutionPlanEntries:
+        """``plan_key(x) → form`` for ``mode="auto"`` (a dict; edit it in place or assign a new one)."""
+        return self._plan
+
+    @plan.setter
+    def plan(self, value: dict[str, str]) -> None:
+        self._plan = ExecutionPlanEntries(value)
+        # (shape, dtype, device) → form, valid for plan version ``_resolved_version`` only.
+        self._resolved: dict[tuple, str] = {}
+        self._resolved_version = self._plan.version
 
     @property
     def weight(self) -> Tensor:
@@ -324,18 +392,37 @@ class DecomposedConv3d(nn.Module):
         return layer
 
     # --- execution ---------------------------------------------------------------------------------
+    def _apply(self, fn: Any, recurse: bool = True) -> "DecomposedConv3d":
+        # .to() / .half() / .cuda() may swap the parameters' storage without touching their version
+        # counters: drop what was derived from the old values.
+        self._derived_cache.clear()
+        return super()._apply(fn, recurse)
+
+    def _derived_key(self) -> tuple:
+        """What the derived weights depend on: the parameters' version counters and storage."""
+        params = self._parameters
+        a, psi, phi = params["coefficients"], params["temporal_atoms"], params["spatial_atoms"]
+        return (a._version, psi._version, phi._version, a.data_ptr(), psi.data_ptr(), phi.data_ptr(), a.dtype)
+
+    def _needs_graph(self) -> bool:
+        """Whether a derived weight must carry an autograd graph back to the parameters."""
+        if not torch.is_grad_enabled():
+            return False
+        params = self._parameters
+        return (params["coefficients"].requires_grad or params["temporal_atoms"].requires_grad
+                or params["spatial_atoms"].requires_grad)
+
     def _derived(self, name: str, build) -> Tensor:
         """A weight derived from the parameters, cached while no autograd graph is needed."""
         if _is_compiling():
             # torch.compile traces the rebuild into its graph (a cache keyed on storage pointers and
             # version counters would break the graph); the compiled code then owns the caching question.
             return build()
-        params = (self.coefficients, self.temporal_atoms, self.spatial_atoms)
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        if self._needs_graph():
             # Recompute in backward instead of keeping the dense intermediates (A·Φᵀ, …): training
             # then saves only the derived weight the conv itself needs, as a dense layer would.
             return checkpoint(build, use_reentrant=False)
-        key = tuple((p._version, p.data_ptr(), p.device, p.dtype) for p in params)
+        key = self._derived_key()
         # Inference-mode tensors may not be used where autograd records, so they get their own slot.
         slot = f"{name}/{torch.is_inference_mode_enabled()}"
         cached = self._derived_cache.get(slot)
@@ -350,20 +437,56 @@ class DecomposedConv3d(nn.Module):
         """The concrete form ``forward`` uses for input ``x`` (resolves ``auto``)."""
         if self._mode != "auto":
             return self._mode
-        key = plan_key(x)
-        form = self.plan.get(key) or self._auto_choices.get(key)
+        if _is_compiling():
+            # Traced once per input shape: a string key and dict lookups dynamo follows as constants.
+            key = plan_key(x)
+            form = self._plan.get(key)
+            if form is None:
+                batch, _, t, h, w = x.shape
+                form = cheapest_form(
+                    self.geometry, self.num_temporal_atoms, self.num_spatial_atoms, batch, t, h, w, x.device.type
+                )
+            return form
+        plan = self._plan
+        if self._resolved_version != plan.version:
+            self._resolved = {}
+            self._resolved_version = plan.version
+        shape_key = (x.shape, x.dtype, x.device)
+        form = self._resolved.get(shape_key)
         if form is None:
-            batch, _, t, h, w = x.shape
-            form = cheapest_form(
-                self.geometry, self.num_temporal_atoms, self.num_spatial_atoms, batch, t, h, w, x.device.type
-            )
-            self._auto_choices[key] = form
+            form = plan.get(plan_key(x))
+            if form is None:
+                batch, _, t, h, w = x.shape
+                form = cheapest_form(
+                    self.geometry, self.num_temporal_atoms, self.num_spatial_atoms, batch, t, h, w, x.device.type
+                )
+            self._resolved[shape_key] = form
         return form
+
+    def _fused_eval(self, x: Tensor) -> Tensor:
+        """Fused conv without an autograd graph to the parameters: the cached W, one ``F.conv3d``."""
+        key = self._derived_key()
+        slot = "fused/True" if torch.is_inference_mode_enabled() else "fused/False"
+        cached = self._derived_cache.get(slot)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, self.weight)
+            self._derived_cache[slot] = cached
+        g = self.geometry
+        padding = self._fused_padding
+        if padding is None or padding[0] is not g:
+            explicit, conv_pad, need_pad = pad_amounts(g, (0, 1, 2))
+            padding = self._fused_padding = (g, explicit if need_pad else None, pad_mode(g), conv_pad)
+        if padding[1] is not None:
+            x = F.pad(x, padding[1], mode=padding[2])
+        return F.conv3d(x, cached[1], self._parameters.get("bias"), g.stride, padding[3], g.dilation, g.groups)
 
     def forward(self, x: Tensor) -> Tensor:
         """[B, c_in, T, H, W] → [B, c_out, T', H', W'] with the current ``mode``."""
         form = self.form_for(x) if self._mode == "auto" else self._mode
         if form == "fused":
+            if not _is_compiling() and not self._needs_graph():
+                return self._fused_eval(x)
             return fused_conv3d(x, self._derived("fused", lambda: self.weight), self.bias, self.geometry)
         if form == "factorized":
             return atoms_first_conv3d(
