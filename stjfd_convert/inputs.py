@@ -217,10 +217,16 @@ def input_record(
     dtype: str = "float32",
     container: str = "list",
     pathway_strides: Sequence[int] | None = None,
+    layout: str | None = None,
 ) -> dict[str, Any]:
-    """The manifest's ``input`` entry; container and strides only for a multi-pathway input."""
+    """The manifest's ``input`` entry; container and strides only for a multi-pathway input, ``layout``
+    (``BTHWC``…, see :mod:`stjfd_convert.layouts`) only when given."""
     record: dict[str, Any] = {"shape": input_shape_to_json(normalize_input_shape(shape)) if shape else None,
                               "dtype": dtype}
+    if layout is not None:
+        from .layouts import check_input_layout
+
+        record["layout"] = check_input_layout(layout)
     if shape and is_multi(shape):
         record["container"] = container
         if pathway_strides:

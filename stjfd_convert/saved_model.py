@@ -66,15 +66,17 @@ def build_manifest(
     extra: Mapping[str, Any] | None = None,
     input_container: str = "list",
     pathway_strides: Sequence[int] | None = None,
+    input_layout: str | None = None,
 ) -> dict[str, Any]:
-    """The JSON manifest for ``model`` (a converted model built from ``spec``)."""
+    """The JSON manifest for ``model`` (a converted model built from ``spec``); ``input_layout`` (``BCTHW`` |
+    ``BTHWC`` | ``BTCHW``, recorded as ``input.layout``) tells later commands how the model takes a clip."""
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "architecture": spec.to_dict(),
         "layers": decomposed_layer_table(model),
         "source": {"path": str(source) if source is not None else None, "sha256": sha256},
-        "input": input_record(input_shape, input_dtype, input_container, pathway_strides),
+        "input": input_record(input_shape, input_dtype, input_container, pathway_strides, input_layout),
         "parameters": sum(p.numel() for p in model.parameters()),
         "versions": _versions(),
         "command": command,
@@ -105,15 +107,17 @@ def save_converted(
     *,
     overwrite: bool = False,
     inputs: Sequence[str | Path] = (),
+    input_layout: str | None = None,
     **manifest_fields: Any,
 ) -> Path:
     """Save a converted model atomically into ``directory``; returns the folder.
 
     ``overwrite`` replaces an existing converted folder (never anything else, never one of ``inputs``:
     :mod:`stjfd_convert.atomic`). ``manifest_fields`` go to ``build_manifest`` (source, sha256,
-    input_shape, command, …).
+    input_shape, input_dtype, command, …); ``input_layout`` (``BTHWC``…) is recorded as ``input.layout``
+    so that later commands take it as their ``--input-layout`` default (None: not recorded, BCTHW).
     """
-    manifest = build_manifest(model, spec, **manifest_fields)
+    manifest = build_manifest(model, spec, input_layout=input_layout, **manifest_fields)
     with atomic_directory(directory, "converted", force=overwrite, inputs=inputs) as staging:
         write_converted_files(model, manifest, staging)
     return Path(directory)

@@ -31,7 +31,15 @@ from .build import build_datasets, unlabeled_dataset
 from .dataset import ClipDataset
 from .decode import temporal_indices
 from .loader import ClipLoader, EpochShuffleSampler, make_loader
-from .options import LAYOUTS, ClipConfig, DataError, check_playback_speed, normalization_for
+from .options import (
+    LAYOUTS,
+    RESIZE_MODES,
+    ClipConfig,
+    DataError,
+    check_playback_speed,
+    check_resize_mode,
+    normalization_for,
+)
 from .sources import (
     IMAGE_EXTENSIONS,
     LIST_EXTENSIONS,
@@ -54,11 +62,13 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "LAYOUTS",
     "LIST_EXTENSIONS",
+    "RESIZE_MODES",
     "UNLABELED",
     "VIDEO_EXTENSIONS",
     "VideoSource",
     "build_datasets",
     "check_playback_speed",
+    "check_resize_mode",
     "downsample_clip",
     "find_sources",
     "find_unlabeled_sources",

@@ -44,6 +44,7 @@ def build_datasets(
     dtype: str = "float32",
     seed: int = 0,
     resize: int | None = None,
+    resize_mode: str = "crop",
     flip: bool = True,
     train_clips_per_video: int = 1,
     val_clips_per_video: int = 1,
@@ -63,7 +64,7 @@ def build_datasets(
     mean_, std_ = _resolve_normalization(mean, std, arch)
     common = dict(
         clip_len=clip_len, size=size, frame_stride=frame_stride, resize=resize, mean=mean_, std=std_,
-        layout=layout, dtype=dtype, flip=flip,
+        layout=layout, dtype=dtype, flip=flip, resize_mode=resize_mode,
     )
     train_config = ClipConfig(train=True, clips_per_video=train_clips_per_video, **common)
     val_config = ClipConfig(train=False, clips_per_video=val_clips_per_video, **common)
@@ -135,6 +136,7 @@ def unlabeled_dataset(
     dtype: str = "float32",
     seed: int = 0,
     resize: int | None = None,
+    resize_mode: str = "crop",
     flip: bool = True,
     clips_per_video: int = 1,
     probe: str = "metadata",
@@ -145,7 +147,7 @@ def unlabeled_dataset(
     mean_, std_ = _resolve_normalization(mean, std, arch)
     config = ClipConfig(
         clip_len=clip_len, size=size, frame_stride=frame_stride, resize=resize, mean=mean_, std=std_,
-        layout=layout, dtype=dtype, flip=flip, train=train, clips_per_video=clips_per_video,
+        layout=layout, dtype=dtype, flip=flip, train=train, clips_per_video=clips_per_video, resize_mode=resize_mode,
     )
     sources = find_unlabeled_sources(root)
     return ClipDataset(

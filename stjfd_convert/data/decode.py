@@ -97,8 +97,11 @@ def describe_read_error(exc: BaseException, path: Path) -> str:
 
 
 def _target_size(height: int, width: int, config: ClipConfig) -> tuple[int, int]:
-    """(height, width) after resizing so the short side is ``config.short_side`` and the crop fits."""
+    """(height, width) after resizing so the short side is ``config.short_side`` and the crop fits
+    (``resize_mode="stretch"``: exactly ``config.size``)."""
     crop_h, crop_w = config.size
+    if config.resize_mode == "stretch":
+        return crop_h, crop_w
     scale = max(config.short_side / min(height, width), crop_h / height, crop_w / width)
     return max(crop_h, round(height * scale)), max(crop_w, round(width * scale))
 

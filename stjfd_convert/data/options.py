@@ -11,6 +11,8 @@ from ..models import TORCHVISION_VIDEO_ARCHS
 
 LAYOUTS = ("CTHW", "TCHW", "THWC")
 DTYPES = ("float32", "uint8")
+#: crop: short side resized, then a crop of ``size``; stretch: the whole frame resized to exactly ``size``.
+RESIZE_MODES = ("crop", "stretch")
 
 # Short side before cropping, relative to the crop: torchvision's video recipes resize to 128 and crop 112.
 RESIZE_RATIO = 128 / 112
@@ -31,6 +33,16 @@ def check_playback_speed(speed: float) -> float:
     return float(speed)
 
 
+def check_resize_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`RESIZE_MODES`, else ``ConfigError`` (``--resize-mode``)."""
+    text = str(mode).strip().lower()
+    if text not in RESIZE_MODES:
+        raise ConfigError(
+            f"unknown --resize-mode {mode!r}", "use crop (resize the short side, then crop) or stretch (whole frame, no crop)"
+        )
+    return text
+
+
 @dataclass(frozen=True)
 class ClipConfig:
     """How a clip is cut from a video and turned into a tensor.
@@ -41,7 +53,8 @@ class ClipConfig:
     centre clip and centre crop. ``playback_speed`` f resamples the clip's frames as if the video were
     played f times as fast: clip frame k is video frame ``start + ⌊k · frame_stride · f⌋`` (nearest earlier
     frame, no blending), so 0.5 shows each frame twice (slowed 2×) and 2 skips every other one (sped up
-    2×) — tempo robustness without re-encoding videos. ``mean``/``std`` (0..1 scale, per RGB channel) normalise float output;
+    2×) — tempo robustness without re-encoding videos. ``resize_mode="stretch"`` resizes the whole frame to
+    exactly ``size`` instead (aspect ratio not kept, nothing cropped, no random crop; ``resize`` unused). ``mean``/``std`` (0..1 scale, per RGB channel) normalise float output;
     without them frames are scaled to 0..1. ``dtype="uint8"`` returns raw frames (no normalisation).
     """
 
@@ -57,6 +70,7 @@ class ClipConfig:
     layout: str = "CTHW"
     dtype: str = "float32"
     playback_speed: float = 1.0
+    resize_mode: str = "crop"
 
     def __post_init__(self) -> None:
         size = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
@@ -70,6 +84,7 @@ class ClipConfig:
         if self.resize is not None and (not isinstance(self.resize, int) or self.resize < 1):
             raise ConfigError(f"resize must be a positive short-side length, got {self.resize!r}")
         object.__setattr__(self, "playback_speed", check_playback_speed(self.playback_speed))
+        object.__setattr__(self, "resize_mode", check_resize_mode(self.resize_mode))
         if self.layout not in LAYOUTS:
             raise ConfigError(f"unknown layout {self.layout!r}", hint=_LAYOUT_HINT)
         if self.dtype not in DTYPES:
