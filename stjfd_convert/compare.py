@@ -215,23 +215,32 @@ def compare_paths(
     tolerance: int = 1,
     device: str = "cpu",
     progress: Callable[[int], None] | None = None,
+    layout: str | None = None,
+    dtype: str | None = None,
+    resize_mode: str | None = None,
+    normalize: bool = True,
 ) -> ComparisonResult:
     """``stjfd compare``: ``original`` (a checkpoint — by default with the architecture the converted folder
     records — or a folder) against the ``converted`` folder, on the centre clip of every video under ``clips``
-    (recursively). Clip length, frame size and normalisation default to what the converted folder records."""
+    (recursively). Clip length, frame size, normalisation, ``layout`` (``BTHWC``…), ``dtype`` and
+    ``resize_mode`` default to what the converted folder records; ``normalize=False``: no mean/std."""
     from pathlib import Path
 
     from torch.utils.data import DataLoader
 
     from .config import check_device
-    from .data import unlabeled_dataset
+    from .data import check_resize_mode, unlabeled_dataset
     from .finetune.evaluation import _recorded_clip_config
     from .finetune.run import _load_any_model
     from .inputs import attach_pathway_split, recorded_input
+    from .layouts import check_input_dtype, check_input_layout
     from .saved_model import is_converted_dir, load_converted
 
     _check_event_options(threshold, tolerance)
     device = check_device(device)
+    layout = check_input_layout(layout) if layout is not None else None
+    dtype = check_input_dtype(dtype) if dtype is not None else None
+    resize_mode = check_resize_mode(resize_mode) if resize_mode is not None else None
     if not Path(original).exists():
         raise ConfigError(f"{original} does not exist", "pass the original checkpoint (or converted folder)")
     if batch_size < 1:
@@ -248,10 +257,11 @@ def compare_paths(
                                     trust_pickle=trust_pickle, trust_code=trust_code)
     clip = ((student.manifest.get("finetune") or {}).get("clip") or {}) if isinstance(student.manifest.get("finetune"), dict) else {}
     config = _recorded_clip_config(converted, student, clip, clip_len=clip_len, size=size, frame_stride=None,
-                                   clips_per_video=None, mean=mean, std=std)
+                                   clips_per_video=None, mean=mean, std=std, layout=layout, dtype=dtype,
+                                   resize_mode=resize_mode, normalize=normalize)
     dataset = unlabeled_dataset(
         clips, clip_len=config.clip_len, size=config.size, frame_stride=config.frame_stride, train=False,
-        mean=config.mean, std=config.std, layout=config.layout, dtype=config.dtype,
+        mean=config.mean, std=config.std, layout=config.layout, dtype=config.dtype, resize_mode=config.resize_mode,
     )
     _, _, container, strides = recorded_input(student.manifest)
     for net in (teacher, student.model):

@@ -19,8 +19,16 @@ EXPORTER = "torchscript"
 MIN_OPSET = 11  # Conv/Pad/Resize semantics we rely on; older opsets are not worth supporting
 DEFAULT_OPSET = 17
 EXPORT_MODES = MODES  # fused, factorized, sandwich, spatial_first, temporal_first, auto
-#: Input axis of each name accepted by ``dynamic_axes`` (input layout [B, C, T, H, W]).
+#: Input axis of each name accepted by ``dynamic_axes`` (input layout [B, C, T, H, W]; other layouts:
+#: :func:`dynamic_axis_positions`).
 DYNAMIC_AXES = {"batch": 0, "time": 2, "height": 3, "width": 4}
+_AXIS_LETTERS = {"batch": "B", "time": "T", "height": "H", "width": "W"}
+
+
+def dynamic_axis_positions(layout: str = "BCTHW") -> dict[str, int]:
+    """Input axis of each dynamic-axis name for a model taking ``layout`` (``BTHWC``: time 1, width 3)."""
+    return {name: layout.index(letter) for name, letter in _AXIS_LETTERS.items()}
+
 #: Element-wise absolute tolerance, ORT vs PyTorch, float32 weights.
 DEFAULT_ATOL = 1e-4
 #: Element-wise absolute tolerance with ``fp16`` weights (half-precision rounding of every weight).

@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -20,8 +20,9 @@ from .. import __version__
 from ..atomic import check_output, make_staging_dir
 from ..convert import densify
 from ..errors import ConfigError
-from ..models import model_source_paths
 from ..inputs import InputShape, format_input_shape, make_model_input, normalize_input_shape, pathway_shapes
+from ..layouts import ONNX_LAYOUTS
+from ..models import model_source_paths
 from ..parity import check_input_memory, flatten_outputs, run_model
 from .base import (
     DEFAULT_ATOL,
@@ -32,7 +33,6 @@ from .base import (
     EXPORT_MODES,
     EXPORTER,
     FP16_ATOL,
-    LAYOUT,
     META_PREFIX,
     ExportValidationError,
     _import_onnx,
@@ -94,6 +94,12 @@ class _Options:
     runs: int
     warmup: int
     threads: int | None
+    layout: str = "BCTHW"  # how the model takes a clip (the dynamic axes' positions follow it)
+    dtype: str = "float32"  # float32 | uint8 (the graph's input type)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.uint8 if self.dtype == "uint8" else torch.float32
 
     @property
     def needs_onnxruntime(self) -> bool:
@@ -147,16 +153,21 @@ def _check_options(
     )
 
 
-def _export_shape(source: _Source, input_shape: InputShape | Sequence[int] | None, dynamic: Sequence[str]) -> InputShape:
-    """``--input-shape``, else the shape the source records or its architecture's default."""
-    shape = normalize_input_shape(input_shape) if input_shape else source.input_shape
+def _export_shape(
+    source: _Source, input_shape: InputShape | Sequence[int] | None, dynamic: Sequence[str], layout: str = "BCTHW"
+) -> InputShape:
+    """``--input-shape`` (in the model's ``layout``), else the shape the source records (re-laid out if it
+    records another layout) or its architecture's default."""
+    from ..layouts import relaid
+
+    shape = normalize_input_shape(input_shape) if input_shape else relaid(source.input_shape, source.manifest, layout)
     if shape is None:
         raise ConfigError(
             "the export input shape is unknown for this model", "pass --input-shape, e.g. --input-shape 1,3,16,112,112"
         )
     if dynamic and any(len(one) != 5 for one in pathway_shapes(shape)):
         raise ConfigError(
-            f"--dynamic needs a 5-D input [batch, channels, time, height, width], got {format_input_shape(shape)}",
+            f"--dynamic needs a 5-D input ({layout}), got {format_input_shape(shape)}",
             "pass a 5-D --input-shape",
         )
     return shape
@@ -210,7 +221,8 @@ def _metadata(
         f"{META_PREFIX}mode": options.mode,
         f"{META_PREFIX}forms": json.dumps(forms),
         f"{META_PREFIX}input_shape": format_input_shape(shape, ",").replace(" + ", "+"),
-        f"{META_PREFIX}layout": LAYOUT,
+        f"{META_PREFIX}layout": ONNX_LAYOUTS[options.layout],
+        f"{META_PREFIX}input_dtype": options.dtype,
         f"{META_PREFIX}dynamic_axes": ",".join(options.dynamic),
         f"{META_PREFIX}fp16_weights": str(bool(options.fp16)).lower(),
     }
@@ -223,6 +235,9 @@ def _metadata(
     if normalization is not None:
         metadata[f"{META_PREFIX}mean"] = ",".join(repr(float(m)) for m in normalization["mean"])
         metadata[f"{META_PREFIX}std"] = ",".join(repr(float(s)) for s in normalization["std"])
+    clip = ((source.manifest or {}).get("finetune") or {}).get("clip")
+    if isinstance(clip, Mapping) and clip.get("resize_mode") == "stretch":
+        metadata[f"{META_PREFIX}resize_mode"] = "stretch"  # predict decodes frames as fine-tuning did
     classes = ((source.manifest or {}).get("finetune") or {}).get("classes")
     if isinstance(classes, list) and all(isinstance(c, str) for c in classes):
         metadata[f"{META_PREFIX}classes"] = json.dumps(classes)  # class names a fine-tuning run trained on
@@ -266,7 +281,7 @@ def _write_and_check(
 ) -> tuple[ExportResult, list[Path]]:
     """Write ``work`` in its chosen forms to ``staged`` and check it; the result (no path yet) and
     the staged files."""
-    example = make_model_input(shape, torch.float32, seed=0, container=source.container)
+    example = make_model_input(shape, options.torch_dtype, seed=0, container=source.container)
     # Every form is an exact reformulation of the dense conv (DESIGN.md §2), so the PyTorch reference
     # runs the dense model: the fastest form on CPU, and independent of the export modules under test.
     reference = densify(work)
@@ -277,7 +292,7 @@ def _write_and_check(
     step(f"exporting ({EXPORTER} exporter, opset {options.opset})")
     files, external = _write_graph(
         _export_friendly(work, chosen.forms), example, staged, opset=options.opset, dynamic=options.dynamic,
-        n_outputs=len(reference_outputs), fp16=options.fp16, metadata=metadata,
+        n_outputs=len(reference_outputs), fp16=options.fp16, metadata=metadata, layout=options.layout,
     )
     stats = _graph_stats(onnx, files)
     validation, original = _validate_and_time(onnx, staged, reference, reference_outputs, example, stats, options, step)
@@ -334,9 +349,10 @@ def _validate_and_time(
         step("validating with onnxruntime")
         session = ort_session(staged, options.threads)
         validation = validate_onnx(
-            staged, reference, validation_shapes(shape, options.dynamic, options.clips), atol=options.atol,
-            container="tuple" if isinstance(example, tuple) else "list",
+            staged, reference, validation_shapes(shape, options.dynamic, options.clips, options.layout),
+            atol=options.atol, container="tuple" if isinstance(example, tuple) else "list",
             session=session, known={0: reference_outputs},  # clip 0 is the export example (seed 0)
+            dtype=options.torch_dtype,
         )
         if not validation.passed:
             return validation, None
@@ -352,6 +368,7 @@ def _validate_and_time(
         original_files, _ = _write_graph(
             reference, example, folder / "original.onnx", opset=options.opset, dynamic=options.dynamic,
             n_outputs=len(reference_outputs), fp16=options.fp16, metadata={f"{META_PREFIX}mode": "original"},
+            layout=options.layout,
         )
         original = _graph_stats(onnx, original_files)
         if timed:
@@ -400,6 +417,8 @@ def export_onnx(
     trust_code: bool = False,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
+    input_layout: str | None = None,
+    input_dtype: str | None = None,
 ) -> ExportResult:
     """Export a converted folder, a checkpoint (with ``arch``/``model``) or a module to ONNX at ``path``.
 
@@ -415,6 +434,10 @@ def export_onnx(
     shape with ``threads`` (``measure_repeats`` interleaved rounds per layer) instead of a stored
     plan or the cost model; for a converted folder the plan is stored in its manifest
     (``planner.save_plan``, device :data:`ORT_DEVICE`), where later ``auto`` exports find it.
+
+    ``input_layout`` (``BCTHW`` | ``BTHWC`` | ``BTCHW``) and ``input_dtype`` (``float32`` | ``uint8``: the
+    graph takes raw frames) default to what a converted folder's manifest records; ``input_shape`` and the
+    ``dynamic_axes`` are in that layout, and the metadata records both for ``predict``.
     """
     start = time.perf_counter()
     step = progress or (lambda _: None)
@@ -422,6 +445,10 @@ def export_onnx(
         mode=mode, measure=measure, measure_repeats=measure_repeats, opset=opset, dynamic_axes=dynamic_axes,
         fp16=fp16, atol=atol, validate=validate, clips=clips, compare=compare, runs=runs, warmup=warmup, threads=threads,
     )
+    from ..layouts import check_input_dtype, check_input_layout, resolve_input_format
+
+    layout = check_input_layout(input_layout) if input_layout is not None else None
+    dtype = check_input_dtype(input_dtype) if input_dtype is not None else None
     sources = [] if isinstance(model_or_dir, nn.Module) else [model_or_dir, *model_source_paths(model)]
     target = check_output(Path(path), "onnx", force=force, inputs=sources)
     # Fail on a missing dependency before any long work.
@@ -434,15 +461,20 @@ def export_onnx(
         model_or_dir, arch=arch, model=model, model_kwargs=model_kwargs, trust_pickle=trust_pickle,
         trust_code=trust_code,
     )
-    shape = _export_shape(source, input_shape, options.dynamic)
+    layout, dtype = resolve_input_format(source.manifest, layout, dtype)
+    options = replace(options, layout=layout, dtype=dtype)
+    shape = _export_shape(source, input_shape, options.dynamic, layout)
     check_input_memory(shape)  # a huge --input-shape: refused before it is allocated
-    channels = {one[1] for one in pathway_shapes(shape) if len(one) == 5}
+    channels = {one[layout.index("C")] for one in pathway_shapes(shape) if len(one) == 5}
     normalization = _normalization(source.spec, mean, std, source.manifest, channels.pop() if len(channels) == 1 else None)
     work = copy.deepcopy(source.model).eval()
     chosen = _choose_forms(work, source, shape, options, step)
     with _staging_dir(target) as staging:
         staged = staging / target.name
         result, files = _write_and_check(onnx, work, source, staged, shape, options, chosen, normalization, step)
+        if (layout, dtype) != ("BCTHW", "float32"):
+            result.notes.insert(0, f"the graph takes {layout} {dtype} clips ({format_input_shape(shape)}); the "
+                                "metadata records both for `stjfd predict`")
         failed = result.validation is not None and not result.validation.passed
         if not failed or keep_invalid:
             final = _publish(files, target)

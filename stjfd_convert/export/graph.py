@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .. import __version__
 from ..errors import first_line
 from ..inputs import fresh, input_tensors
-from .base import DYNAMIC_AXES, ExportError, _import_onnx, input_names
+from .base import ExportError, _import_onnx, dynamic_axis_positions, input_names
 from .results import GraphStats
 
 #: Protobuf's hard limit; above it (less a margin for the graph itself) weights go to an external file.
@@ -37,16 +37,19 @@ def _torch_export(
     *,
     what: str = "the model",
     hint: str = "try another --opset or --mode; set STJFD_DEBUG=1 for details",
+    layout: str = "BCTHW",
 ) -> None:
     """Trace ``model`` on ``example`` into ``path`` (a file, or an in-memory buffer) with the options
-    every stjfd graph is written with; a failure is one ExportError naming ``what`` failed."""
+    every stjfd graph is written with; a failure is one ExportError naming ``what`` failed. ``dynamic`` names
+    axes of an input in ``layout`` (``BTHWC``: time is axis 1)."""
     outputs = _output_names(n_outputs)
     names = input_names(len(input_tensors(example)))
     axes: dict[str, dict[int, str]] = {}
     if dynamic:
+        positions = dynamic_axis_positions(layout)
         for index, input_name in enumerate(names):
             suffix = "" if len(names) == 1 else f"_{index}"  # pathways may differ in length: one axis name each
-            axes[input_name] = {DYNAMIC_AXES[name]: name if name == "batch" else name + suffix for name in dynamic}
+            axes[input_name] = {positions[name]: name if name == "batch" else name + suffix for name in dynamic}
         if "batch" in dynamic:
             for name in outputs:
                 axes[name] = {0: "batch"}
@@ -181,6 +184,7 @@ def _write_graph(
     n_outputs: int,
     fp16: bool,
     metadata: Mapping[str, str],
+    layout: str = "BCTHW",
 ) -> tuple[list[Path], bool]:
     """Trace ``model`` into ``path`` (a staging location), post-process, run onnx.checker."""
     onnx = _import_onnx()
@@ -188,7 +192,7 @@ def _write_graph(
     raw_dir = path.parent / f"{path.name}.raw"
     raw_dir.mkdir()
     try:
-        _torch_export(model, example, raw_dir / path.name, opset, dynamic, n_outputs)
+        _torch_export(model, example, raw_dir / path.name, opset, dynamic, n_outputs, layout=layout)
         proto = onnx.load(str(raw_dir / path.name))
     finally:
         shutil.rmtree(raw_dir, ignore_errors=True)

@@ -23,14 +23,17 @@ class Prediction:
 
     video: Path
     model: Path
-    input_shape: tuple[int, ...]
-    normalization: dict[str, list[float]]
+    input_shape: tuple[int, ...]  # in the model's layout
+    normalization: dict[str, list[float]] | None  # None: raw uint8 frames
     normalization_source: str
     top: list[dict[str, Any]]  # {"rank", "index", "label", "probability", "logit"}
     num_classes: int
     seconds: float = 0.0
     playback_speed: float = 1.0
     warnings: list[str] = field(default_factory=list)  # e.g. a video shorter than the clip (frames repeated)
+    input_layout: str = "BCTHW"
+    input_dtype: str = "float32"
+    resize_mode: str = "crop"
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -68,6 +71,11 @@ def predict(
     threads: int | None = None,
     playback_speed: float = 1.0,
     pathway_strides: Sequence[int] | None = None,
+    input_layout: str | None = None,
+    input_dtype: str | None = None,
+    size: int | tuple[int, int] | None = None,
+    resize_mode: str | None = None,
+    normalize: bool = True,
 ) -> Prediction:
     """Classify the centre clip of ``video`` with an exported ONNX model (onnxruntime, CPU).
 
@@ -78,14 +86,26 @@ def predict(
     if the video played that many times as fast (0.5: slowed 2×; ``data.ClipConfig``). A model with one
     input per pathway gets pathway i = every ``pathway_strides[i]``-th frame of one decoded clip (default:
     the strides its metadata records, e.g. SlowFast's 4,1).
+
+    ``input_layout`` (``BTHWC``…) defaults to the metadata's ``stjfd.layout``, the dtype is the graph's input
+    type (``uint8``: raw frames, no normalisation; ``input_dtype`` must agree). ``size`` (int or (H, W)) sets
+    the frame size where the graph's height/width axes are dynamic; ``resize_mode="stretch"`` resizes whole
+    frames to it without cropping (default: the metadata's, else crop); ``normalize=False`` feeds float frames
+    scaled to 0..1 without mean/std.
     """
     start = time.perf_counter()
     model_path, video = Path(model_path), Path(video)
     if top_k < 1:
         raise ConfigError(f"--top-k must be ≥ 1, got {top_k}", "e.g. --top-k 5")
-    from ..data import check_playback_speed
+    from ..data import check_playback_speed, check_resize_mode
+    from ..layouts import check_input_dtype, check_input_layout
 
     playback_speed = check_playback_speed(playback_speed)
+    layout = check_input_layout(input_layout) if input_layout is not None else None
+    dtype = check_input_dtype(input_dtype) if input_dtype is not None else None
+    resize_mode = check_resize_mode(resize_mode) if resize_mode is not None else None
+    if not normalize and (mean is not None or std is not None):
+        raise ConfigError("--no-normalize and --mean/--std contradict each other", "drop one of them")
     if not model_path.is_file():
         what = "is a folder, not an .onnx file" if model_path.is_dir() else "does not exist"
         raise ConfigError(f"ONNX model {model_path} {what}", "pass the file written by `stjfd export --onnx`")
@@ -95,14 +115,24 @@ def predict(
     label_names = _read_labels(Path(labels)) if labels is not None else None
     session = ort_session(model_path, threads, hint="pass the .onnx file written by `stjfd export --onnx`")
     meta = dict(session.get_modelmeta().custom_metadata_map or {})
-    shapes = [_clip_shape(session, meta, model_path, index) for index in range(len(session.get_inputs()))]
+    layout = layout or check_input_layout(meta.get(f"{META_PREFIX}layout") or "BCTHW", "stored layout")
+    dtype = _graph_dtype(session, dtype, model_path)
+    resize_mode = resize_mode or check_resize_mode(meta.get(f"{META_PREFIX}resize_mode") or "crop")
+    sizes = (size, size) if isinstance(size, int) else size
+    shapes = [_clip_shape(session, meta, model_path, index, layout, sizes) for index in range(len(session.get_inputs()))]
     strides = _pathway_strides(meta, pathway_strides, len(shapes), model_path)
     clip_len = max(one[2] * stride for one, stride in zip(shapes, strides))
     primary = max(shapes, key=lambda one: one[2] * one[3] * one[4])
-    shape = [primary[0], primary[1], clip_len, primary[3], primary[4]]
-    norm, source = _clip_normalization(meta, mean, std, model_path, channels=shape[1])
-    clip, num_frames, span = _centre_clip(video, shape, norm, playback_speed)
-    feeds = [clip[:, :, ::stride][:, :, : one[2]] for one, stride in zip(shapes, strides)]
+    shape = [primary[0], primary[1], clip_len, primary[3], primary[4]]  # B, C, T, H, W
+    if dtype == "uint8":
+        norm, source = None, "none (raw uint8 frames)"
+    elif not normalize:
+        norm, source = {"mean": [0.0] * shape[1], "std": [1.0] * shape[1]}, "--no-normalize (frames scaled to 0..1)"
+    else:
+        norm, source = _clip_normalization(meta, mean, std, model_path, channels=shape[1])
+    clip, num_frames, span = _centre_clip(video, shape, norm, playback_speed, layout, dtype, resize_mode)
+    time_axis = layout.index("T")
+    feeds = [_every(clip, time_axis, stride, one[2]) for one, stride in zip(shapes, strides)]
     logits = _logits(session, feeds)
     label_names = _class_names(meta, label_names, len(logits), labels)
     top = _top_classes(logits, top_k, label_names)
@@ -113,36 +143,75 @@ def predict(
             f"model spans: its frames were repeated (looped) to fill the clip, so the prediction says little about "
             "motion — use a longer video"
         )
+    from ..layouts import from_bcthw
+
     return Prediction(
-        video, model_path, tuple(shape), norm, source, top, len(logits), time.perf_counter() - start, float(playback_speed),
-        warnings,
+        video, model_path, tuple(from_bcthw(tuple(shape), layout)), norm, source, top, len(logits),  # type: ignore[arg-type]
+        time.perf_counter() - start, float(playback_speed), warnings, layout, dtype, resize_mode,
     )
 
 
-def _clip_shape(session: Any, meta: Mapping[str, str], model_path: Path, index: int = 0) -> list[int]:
-    """The [batch, 3, time, height, width] input ``index`` to feed: the graph's fixed axes, batch 1 for a
-    dynamic batch, the export shape stored in the metadata for the other dynamic axes."""
+def _graph_dtype(session: Any, given: str | None, model_path: Path) -> str:
+    """``uint8`` when the graph takes raw frames, else ``float32``; a contradicting ``--input-dtype`` is refused."""
+    graph = "uint8" if session.get_inputs()[0].type == "tensor(uint8)" else "float32"
+    if given is not None and given != graph:
+        raise ConfigError(
+            f"--input-dtype {given}, but {model_path.name} takes {graph} input",
+            "drop --input-dtype (predict feeds what the graph takes), or export with the dtype you want",
+        )
+    return graph
+
+
+def _every(clip: np.ndarray, axis: int, stride: int, length: int) -> np.ndarray:
+    """Every ``stride``-th entry of ``clip`` along ``axis``, the first ``length`` of them (one pathway)."""
+    index: list[Any] = [slice(None)] * clip.ndim
+    index[axis] = slice(None, None, stride)
+    picked = clip[tuple(index)]
+    index[axis] = slice(None, length)
+    return picked[tuple(index)]
+
+
+def _clip_shape(
+    session: Any, meta: Mapping[str, str], model_path: Path, index: int = 0, layout: str = "BCTHW",
+    size: tuple[int, int] | None = None,
+) -> list[int]:
+    """The [batch, 3, time, height, width] of input ``index`` (read in the model's ``layout``): the graph's
+    fixed axes, batch 1 for a dynamic batch, ``size`` for dynamic height/width, the export shape stored in the
+    metadata for the other dynamic axes. A ``size`` that contradicts fixed axes is refused."""
     graph_input = session.get_inputs()[index]
     stored_text = meta.get(f"{META_PREFIX}input_shape", "")
     pathways = stored_text.split("+") if stored_text else []
     stored = _floats(pathways[index], "stored input shape") if index < len(pathways) else []
     dims = list(graph_input.shape)
     if len(dims) != 5:
-        raise ConfigError(f"{model_path.name} takes a {len(dims)}-D input; predict needs [batch, 3, time, height, width]",
+        raise ConfigError(f"{model_path.name} takes a {len(dims)}-D input; predict needs a 5-D clip ({layout})",
                           "export a video model")
-    shape = []
-    for axis, dim in enumerate(dims):
+    wanted = {"H": size[0], "W": size[1]} if size is not None else {}
+    by_letter: dict[str, int] = {}
+    for axis, (letter, dim) in enumerate(zip(layout, dims)):
         if isinstance(dim, int) and dim > 0:
-            shape.append(dim)
-        elif axis == 0:
-            shape.append(1)
+            if letter in wanted and wanted[letter] != dim:
+                raise ConfigError(
+                    f"--size {size[0]}x{size[1]}: {model_path.name} takes frames of exactly "  # type: ignore[index]
+                    f"{dims[layout.index('H')]}x{dims[layout.index('W')]}",
+                    "drop --size, or export with --dynamic height,width",
+                )
+            by_letter[letter] = dim
+        elif letter == "B":
+            by_letter[letter] = 1
+        elif letter in wanted:
+            by_letter[letter] = wanted[letter]
         elif stored:
-            shape.append(int(stored[axis]))
+            by_letter[letter] = int(stored[axis])
         else:
             raise ConfigError(f"{model_path.name} has a dynamic axis {axis} and no stored export shape", "re-export with stjfd")
+    shape = [by_letter[letter] for letter in "BCTHW"]
     channels = shape[1]
     if channels != 3:
-        raise ConfigError(f"{model_path.name} expects {channels} input channels, not RGB", "export an RGB video model")
+        raise ConfigError(
+            f"{model_path.name} expects {channels} input channels, not RGB, in the layout {layout}",
+            "export an RGB video model, or pass the --input-layout it takes (BCTHW, BTHWC, BTCHW)",
+        )
     return shape
 
 
@@ -166,19 +235,23 @@ def _clip_normalization(
 
 
 def _centre_clip(
-    video: Path, shape: Sequence[int], norm: Mapping[str, Sequence[float]], playback_speed: float = 1.0
+    video: Path, shape: Sequence[int], norm: Mapping[str, Sequence[float]] | None, playback_speed: float = 1.0,
+    layout: str = "BCTHW", dtype: str = "float32", resize_mode: str = "crop",
 ) -> tuple[np.ndarray, int | None, int]:
-    """The centre clip of ``video`` as evaluation decodes it, float32 [batch, 3, T, H, W] (the clip repeated),
-    with the video's frame count (None if unknown) and the frames one clip spans."""
+    """The centre clip of ``video`` as evaluation decodes it, [batch, …] in the model's ``layout`` and
+    ``dtype`` (the clip repeated; ``shape`` is [B, C, T, H, W]), with the video's frame count (None if
+    unknown) and the frames one clip spans."""
     from ..data import ClipConfig, ClipDataset, VideoSource
+    from ..layouts import CLIP_LAYOUTS
 
     batch, _, clip_len, height, width = shape
     config = ClipConfig(
-        clip_len=clip_len, size=(height, width), mean=tuple(norm["mean"]), std=tuple(norm["std"]),
-        playback_speed=playback_speed,
+        clip_len=clip_len, size=(height, width), mean=tuple(norm["mean"]) if norm else None,
+        std=tuple(norm["std"]) if norm else None, playback_speed=playback_speed, layout=CLIP_LAYOUTS[layout],
+        dtype=dtype, resize_mode=resize_mode,
     )
     dataset = ClipDataset([VideoSource(video, -1)], ["video"], config, probe="metadata", probe_workers=1, name=str(video))
-    clip, _ = dataset[0]  # float32 [3, T, H, W]; DataError if it cannot be decoded
+    clip, _ = dataset[0]  # [3, T, H, W] or the layout's order; DataError if it cannot be decoded
     batched = clip.unsqueeze(0).expand(batch, -1, -1, -1, -1).contiguous().numpy()
     return batched, dataset.sources[0].num_frames, config.span
 

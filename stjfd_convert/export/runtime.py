@@ -91,7 +91,9 @@ def ort_latency(
 
 
 def _latency_feed(session: Any, input_shape: InputShape | Sequence[int]) -> dict[str, np.ndarray]:
-    x = make_model_input(normalize_input_shape(input_shape), torch.float32, seed=7)
+    """One seeded clip for ``session``: raw uint8 frames where the graph takes ``tensor(uint8)``, else float32."""
+    raw = session.get_inputs()[0].type == "tensor(uint8)"
+    x = make_model_input(normalize_input_shape(input_shape), torch.uint8 if raw else torch.float32, seed=7)
     return {i.name: t.numpy() for i, t in zip(session.get_inputs(), input_tensors(x))}
 
 

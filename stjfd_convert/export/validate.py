@@ -14,18 +14,21 @@ from torch import Tensor, nn
 from ..errors import first_line
 from ..inputs import InputShape, input_tensors, make_model_input, map_pathways, normalize_input_shape
 from ..parity import flatten_outputs, run_model
-from .base import DEFAULT_ATOL, DYNAMIC_AXES
+from .base import DEFAULT_ATOL, dynamic_axis_positions
 from .results import OutputCheck, ValidationReport
 from .runtime import ort_session
 
 
-def validation_shapes(input_shape: InputShape | Sequence[int], dynamic: Sequence[str], clips: int) -> list[InputShape]:
+def validation_shapes(
+    input_shape: InputShape | Sequence[int], dynamic: Sequence[str], clips: int, layout: str = "BCTHW"
+) -> list[InputShape]:
     """The base shape, then one shape per dynamic axis with that axis changed (in every pathway), then the
-    base again."""
+    base again. Shapes are in the model's ``layout``."""
     base = normalize_input_shape(input_shape)
     shapes = [base]
+    positions = dynamic_axis_positions(layout)
     for name in dynamic:
-        axis = DYNAMIC_AXES[name]
+        axis = positions[name]
 
         def changed(one: tuple[int, ...], axis: int = axis, name: str = name) -> tuple[int, ...]:
             n = one[axis]
@@ -53,10 +56,11 @@ def validate_onnx(
     threads: int | None = None,
     session: Any = None,
     known: Mapping[int, list[tuple[str, Tensor]]] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> ValidationReport:
-    """Run ``reference`` (PyTorch) and the ONNX file on clip ``i`` = ``make_model_input(shapes[i], seed=i)``
-    (one tensor per ONNX input for a multi-pathway model) for each shape and compare every output.
-    ``known`` holds PyTorch outputs already computed."""
+    """Run ``reference`` (PyTorch) and the ONNX file on clip ``i`` = ``make_model_input(shapes[i], dtype,
+    seed=i)`` (one tensor per ONNX input for a multi-pathway model; ``uint8``: raw frames) for each shape and
+    compare every output. ``known`` holds PyTorch outputs already computed."""
     session = session or ort_session(Path(path), threads)
     names = [i.name for i in session.get_inputs()]
     report = ValidationReport(float(atol))
@@ -64,7 +68,7 @@ def validate_onnx(
     known = known or {}
     for index, shape in enumerate(shapes):
         shape = normalize_input_shape(shape)
-        x = make_model_input(shape, torch.float32, seed=index, container=container)
+        x = make_model_input(shape, dtype, seed=index, container=container)
         expected = known[index] if index in known else flatten_outputs(run_model(reference, x))
         try:
             actual = session.run(None, {name: t.numpy() for name, t in zip(names, input_tensors(x))})

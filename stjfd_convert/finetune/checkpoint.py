@@ -174,6 +174,7 @@ def _clip_description(dataset: Dataset | None) -> dict[str, Any] | None:
         "clips_per_video": config.clips_per_video,
         "layout": config.layout,
         "dtype": config.dtype,
+        "resize_mode": getattr(config, "resize_mode", "crop"),
     }
 
 

@@ -234,6 +234,10 @@ def evaluate_folder(
     progress: Callable[[int, int], None] | None = None,
     playback_speed: float = 1.0,
     labels: str | Path | None = None,
+    layout: str | None = None,
+    dtype: str | None = None,
+    resize_mode: str | None = None,
+    normalize: bool = True,
 ) -> tuple[EvalResult, list[tuple[str, str]]]:
     """Evaluate a saved model folder (``runs/x/best``, or any converted model) on a labelled split.
 
@@ -245,14 +249,19 @@ def evaluate_folder(
     so; more folders than outputs are refused). ``data`` is a split (class folders or list file), or a
     root holding ``val/``.
     ``playback_speed`` resamples each clip's frames as if the videos played that many times as fast (0.5:
-    slowed 2×; ``data.ClipConfig``) and is recorded in the result. Returns the result and the skipped
+    slowed 2×; ``data.ClipConfig``) and is recorded in the result. ``layout`` (``BTHWC``…), ``dtype``,
+    ``resize_mode`` and ``normalize`` override what the folder records. Returns the result and the skipped
     (path, reason) pairs.
     """
-    from ..data import ClipDataset, DataError, check_playback_speed, find_sources
+    from ..data import ClipDataset, DataError, check_playback_speed, check_resize_mode, find_sources
     from ..data.dataset import check_clip_fits
+    from ..layouts import check_input_dtype, check_input_layout
     from ..saved_model import load_converted
 
     playback_speed = check_playback_speed(playback_speed)
+    layout = check_input_layout(layout) if layout is not None else None
+    dtype = check_input_dtype(dtype) if dtype is not None else None
+    resize_mode = check_resize_mode(resize_mode) if resize_mode is not None else None
     check_device(device)  # before the model and the data are loaded
     for flag, value, least in (("--clip-len", clip_len, 1), ("--frame-stride", frame_stride, 1),
                                ("--clips", clips_per_video, 1), ("--batch-size", batch_size, 1),
@@ -265,7 +274,8 @@ def evaluate_folder(
     recorded = (loaded.manifest.get("finetune") or {}) if isinstance(loaded.manifest.get("finetune"), dict) else {}
     config = _recorded_clip_config(
         model_dir, loaded, recorded.get("clip") or {}, clip_len=clip_len, size=size, frame_stride=frame_stride,
-        clips_per_video=clips_per_video, mean=mean, std=std,
+        clips_per_video=clips_per_video, mean=mean, std=std, layout=layout, dtype=dtype, resize_mode=resize_mode,
+        normalize=normalize,
     )
     config = replace(config, playback_speed=playback_speed)
     split = Path(data)
@@ -400,23 +410,40 @@ def _recorded_clip_config(
     clips_per_video: int | None,
     mean: Sequence[float] | None,
     std: Sequence[float] | None,
+    layout: str | None = None,
+    dtype: str | None = None,
+    resize_mode: str | None = None,
+    normalize: bool = True,
 ) -> ClipConfig:
     """The evaluation clips of a saved model (``loaded``): each option as given, else as fine-tuning
-    recorded it (``clip``), else from the manifest's input shape; normalisation else the torchvision
-    architecture's."""
+    recorded it (``clip``), else from the manifest (its input shape, ``input.layout``, ``input.dtype``);
+    normalisation else the torchvision architecture's (none with ``normalize=False``). ``layout`` is the
+    batched ``--input-layout`` (``BTHWC``) or a per-clip one (``THWC``)."""
     from ..data import ClipConfig
+    from ..layouts import CLIP_LAYOUTS, check_input_layout, recorded_layout, resolve_input_format, to_bcthw
 
+    if not normalize and (mean is not None or std is not None):
+        raise ConfigError("--no-normalize and --mean/--std contradict each other", "drop one of them")
+    manifest_layout, manifest_dtype = resolve_input_format(loaded.manifest)
+    if layout is None and clip.get("layout"):
+        layout = str(clip["layout"])
+    layout = check_input_layout(layout) if layout is not None else manifest_layout
+    dtype = dtype or (str(clip["dtype"]) if clip.get("dtype") else manifest_dtype)
     clip_len = clip_len or clip.get("clip_len")
     if size is None and clip.get("size"):
         size = tuple(clip["size"])
     if clip_len is None or size is None:
         shape = (loaded.manifest.get("input") or {}).get("shape")
-        if shape and len(shape) == 5:
-            clip_len = clip_len or shape[2]
-            size = size or (shape[3], shape[4])
+        if shape and len(shape) == 5 and all(isinstance(v, int) for v in shape):
+            # The manifest's shape is in the layout it records, else in the model's own (the one resolved here).
+            _, _, frames, height, width = to_bcthw(tuple(shape), recorded_layout(loaded.manifest) or layout)
+            clip_len = clip_len or frames
+            size = size or (height, width)
     if clip_len is None or size is None:
         raise ConfigError(f"{model_dir} records no clip size", "pass --clip-len and --size")
-    if mean is None and std is None:
+    if not normalize:
+        mean = std = None
+    elif mean is None and std is None:
         mean, std = clip.get("mean"), clip.get("std")
         recorded = loaded.manifest.get("normalization")  # what convert recorded (e.g. the sample model's 0/1)
         if mean is None and isinstance(recorded, dict) and recorded.get("mean") and recorded.get("std"):
@@ -428,5 +455,5 @@ def _recorded_clip_config(
         frame_stride=int(frame_stride or clip.get("frame_stride") or 1), resize=clip.get("resize"), train=False,
         clips_per_video=int(clips_per_video or clip.get("clips_per_video") or 1),
         mean=tuple(mean) if mean is not None else None, std=tuple(std) if std is not None else None,
-        layout=str(clip.get("layout") or "CTHW"), dtype=str(clip.get("dtype") or "float32"),
+        layout=CLIP_LAYOUTS[layout], dtype=dtype, resize_mode=resize_mode or str(clip.get("resize_mode") or "crop"),
     )

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from ..atomic import check_output
 from ..config import check_device
 from ..data.dataset import check_clip_fits
+from ..data.options import check_resize_mode
 from ..errors import ConfigError
 from ..inputs import attach_pathway_split, recorded_input
 from ..formats import CONFIG_FILE, LAST_DIR
@@ -183,7 +184,8 @@ def _build_data(
 
     root = Path(root_override) if root_override is not None else Path(data["root"])
     size = data["size"]
-    tensors = {"layout": str(data.get("layout") or "CTHW"), "dtype": str(data.get("dtype") or "float32")}
+    tensors = {"layout": str(data.get("layout") or "CTHW"), "dtype": str(data.get("dtype") or "float32"),
+               "resize_mode": str(data.get("resize_mode") or "crop")}
     if data.get("unlabeled"):
         # Every video under the root, no classes, no validation split: a distillation run.
         train = unlabeled_dataset(
@@ -289,8 +291,10 @@ def finetune_paths(
     distill: str | Path | None = None,
     distill_loss: str = "auto",
     distill_weight: float = 0.0,
-    layout: str = "CTHW",
-    dtype: str = "float32",
+    layout: str | None = None,
+    dtype: str | None = None,
+    resize_mode: str = "crop",
+    normalize: bool = True,
 ) -> FinetuneResult:
     """Load a converted-model folder (or a checkpoint: a plain model), build the datasets, fine-tune.
 
@@ -301,6 +305,9 @@ def finetune_paths(
     cross-entropy where clips have labels). Without a teacher, unlabeled data has nothing to learn from.
     ``layout`` (``CTHW`` | ``TCHW`` | ``THWC`` per clip, batched as B…) and ``dtype`` (``float32``
     normalised | ``uint8`` raw 0–255) make the clips what the model takes; the stages downsample them alike.
+    Both default to what a converted folder's manifest records (``input.layout``, ``input.dtype``), else
+    ``CTHW`` / ``float32``. ``resize_mode="stretch"`` resizes whole frames to ``size`` (no crop);
+    ``normalize=False`` scales float frames to 0..1 without any mean/std.
 
     Everything that can be wrong with the input is checked before the run folder ``output`` is created.
     The classifier is re-created when the model predicts another number of classes than the dataset has.
@@ -310,6 +317,10 @@ def finetune_paths(
 
     check_device(config.device)  # before anything is loaded: `--device cuda` on a machine without a GPU
     _check_stage_clips(config, clip_len, size)
+    layout, dtype = _clip_format(model_source, layout, dtype)
+    resize_mode = check_resize_mode(resize_mode)
+    if not normalize and (mean is not None or std is not None):
+        raise ConfigError("--no-normalize and --mean/--std contradict each other", "drop one of them")
     is_main = os.environ.get("RANK", "0") == "0"
     inputs, datasets = [model_source, *model_source_paths(model)], [data_root]
     if unlabeled and distill is None and loss_fn is None:
@@ -342,7 +353,7 @@ def finetune_paths(
                         "arch": teacher_arch, "model": teacher_model, "model_kwargs": teacher_kwargs}
         loss_fn = _distillation_loss(teacher_info, trust_pickle=trust_pickle, trust_code=trust_code,
                                      label_smoothing=config.label_smoothing)
-    if mean is None and std is None:
+    if mean is None and std is None and normalize:
         mean, std = _pretrained_normalization(spec) or (None, None)
     data = {
         "root": str(Path(data_root).absolute()),
@@ -356,6 +367,8 @@ def finetune_paths(
         **({"unlabeled": True} if unlabeled else {}),
         **({"layout": layout} if layout != "CTHW" else {}),
         **({"dtype": dtype} if dtype != "float32" else {}),
+        **({"resize_mode": resize_mode} if resize_mode != "crop" else {}),
+        **({"normalize": False} if not normalize else {}),
     }
     train_ds, val_ds, classes = _build_data(data, None, config.seed, progress)
     for dataset in (train_ds, val_ds):
@@ -373,6 +386,19 @@ def finetune_paths(
     if note:
         result.notes.insert(0, note)
     return result
+
+
+def _clip_format(model_source: str | Path, layout: str | None, dtype: str | None) -> tuple[str, str]:
+    """``(per-clip layout, dtype)``: as given, else as the converted folder ``model_source`` records, else
+    ``CTHW`` / ``float32``."""
+    from ..layouts import CLIP_LAYOUTS, check_input_dtype, check_input_layout, resolve_input_format
+    from ..saved_model import is_converted_dir, read_manifest
+
+    layout = check_input_layout(layout) if layout is not None else None  # bad options first, then the folder
+    dtype = check_input_dtype(dtype) if dtype is not None else None
+    manifest = read_manifest(Path(model_source)) if is_converted_dir(Path(model_source)) else None
+    batched, dtype = resolve_input_format(manifest, layout, dtype)
+    return CLIP_LAYOUTS[batched], dtype
 
 
 def _teacher_source(model_source: str | Path, distill: str | Path) -> str:

@@ -25,6 +25,7 @@ from ..atomic import _describe_os_error, atomic_directory, atomic_file
 from ..errors import OutputError
 from ..formats import BEST_DIR, CONFIG_FILE, CURVE_FILE, LAST_DIR, LOG_FILE, METRICS_FILE, RUN_FORMAT, STATE_FILE
 from ..inputs import pathway_input_shape
+from ..layouts import DEFAULT_LAYOUT, check_input_layout, from_bcthw
 from ..models import ArchSpec
 from ..stages import disable_activation_checkpointing, enable_activation_checkpointing
 from .checkpoint import (
@@ -218,9 +219,13 @@ class _RunFolder:
             clip = _clip_description(self.val_dataset if self.val_dataset is not None else self.train_dataset)
             strides = self.config.pathway_strides
             shape = pathway_input_shape([1, 3, clip["clip_len"], *clip["size"]], strides) if clip else None
+            layout, dtype = _clip_input_format(clip)
+            if shape is not None:
+                shape = from_bcthw(shape, layout)  # the manifest's shape is in the model's own layout
             manifest = build_manifest(
                 self.model, spec, input_shape=shape, command=self.run_info.get("command"),
-                input_container=self.config.input_container, pathway_strides=strides,
+                input_container=self.config.input_container, pathway_strides=strides, input_dtype=dtype,
+                input_layout=layout if layout != DEFAULT_LAYOUT else None,
                 source=self.run_info.get("model", {}).get("source"),
                 extra={"finetune": {"run": str(self.run_dir), "epoch": epoch, "step": self.position.step,
                                     "classes": self.classes, "clip": clip, **_clean(dict(extra))},
@@ -314,3 +319,10 @@ def saved_entries(run_dir: Path) -> list[str]:
     """What a run folder holds, in the order the CLI lists it: ``last/``, ``best/``, metrics.jsonl…"""
     names = [f"{LAST_DIR}/", f"{BEST_DIR}/", METRICS_FILE, CONFIG_FILE, LOG_FILE, CURVE_FILE]
     return [name for name in names if (run_dir / name.rstrip("/")).exists()]
+
+
+def _clip_input_format(clip: Mapping[str, Any] | None) -> tuple[str, str]:
+    """``(batched layout, dtype)`` of the clips a run trains on (``BTHWC``, ``uint8``), for its manifests."""
+    if not clip:
+        return DEFAULT_LAYOUT, "float32"
+    return check_input_layout(str(clip.get("layout") or "CTHW")), str(clip.get("dtype") or "float32")

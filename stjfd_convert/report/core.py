@@ -173,20 +173,71 @@ def memory_report(
     sweep_frames: Sequence[int] | None = None,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     progress: Callable[[str], None] | None = None,
+    layout: str = "BCTHW",
+    input_dtype: str = "float32",
 ) -> MemoryReport:
     """Compare converted ``model`` with ``original`` (default: ``densify(model)``) on [B,C,T,H,W] clips
     (or one per pathway, fed as a ``container``; sizes below follow the primary pathway).
 
     ``device`` runs the training measurements (``cuda`` adds ``max_memory_allocated``); the
-    what-fits searches and the clip sweep run on ``meta`` unless ``device`` is ``cuda``.
+    what-fits searches and the clip sweep run on ``meta`` unless ``device`` is ``cuda``. A model that
+    takes another ``layout`` (``BTHWC``, ``BTCHW``; ``input_shape`` is then in that layout) or ``uint8``
+    frames is measured through :class:`~stjfd_convert.layouts.ClipLayoutHook`: the report works on
+    B×C×T×H×W clips, so the stages shrink H, W (temporal) and T (spatial) wherever the model keeps them.
     """
+    from ..layouts import attach_layout_hook, check_input_dtype, check_input_layout, to_bcthw
+
+    layout, input_dtype = check_input_layout(layout), check_input_dtype(input_dtype)
+    given = normalize_input_shape(input_shape)
     shape, budget = _check_options(
-        input_shape, spatial_downsample, temporal_downsample, steps, optimizer, memory_budget, frame_size
+        to_bcthw(given, layout), spatial_downsample, temporal_downsample, steps, optimizer, memory_budget, frame_size
     )
     if not str(device).startswith("cuda"):
         check_input_memory(shape)  # the CPU measurements allocate the clip: a huge one is refused first
     notes: list[str] = []
     original = original if original is not None else densify(model)
+    if (layout, input_dtype) != ("BCTHW", "float32"):
+        notes.append(
+            f"the model takes {layout} {input_dtype} clips ({format_input_shape(given)}); the report's shapes are "
+            "B×C×T×H×W, permuted into the model's layout as it is called"
+        )
+    handles = [attach_layout_hook(net, layout, input_dtype) for net in ({id(model): model, id(original): original}.values())]
+    try:
+        return _measure(
+            model, original, shape, budget, notes, container=container, source=source,
+            spatial_downsample=spatial_downsample, temporal_downsample=temporal_downsample, optimizer=optimizer,
+            device=device, steps=steps, training=training, frame_size=frame_size, sweep_frames=sweep_frames,
+            loss_fn=loss_fn, progress=progress, layout=layout, input_dtype=input_dtype,
+        )
+    finally:
+        for handle in handles:
+            if handle is not None:
+                handle.remove()
+
+
+def _measure(
+    model: nn.Module,
+    original: nn.Module,
+    shape: InputShape,
+    budget: int | None,
+    notes: list[str],
+    *,
+    container: str,
+    source: str,
+    spatial_downsample: int,
+    temporal_downsample: int,
+    optimizer: str,
+    device: str,
+    steps: int,
+    training: bool,
+    frame_size: int | None,
+    sweep_frames: Sequence[int] | None,
+    loss_fn: Callable[[Any], torch.Tensor] | None,
+    progress: Callable[[str], None] | None,
+    layout: str,
+    input_dtype: str,
+) -> MemoryReport:
+    """The measurements of :func:`memory_report`, once its options are checked (``shape`` is B×C×T×H×W)."""
     models = {"original": original, "converted": model}
     if not any(isinstance(m, DecomposedConv3d) for m in model.modules()):
         notes.append("the model has no DecomposedConv3d: converted = original, every stage trains everything")
@@ -239,6 +290,8 @@ def memory_report(
         "memory_budget": budget,
         "frame_size": frame_size or primary[3],
         "container": container if is_multi(shape) else None,
+        "input_layout": layout,
+        "input_dtype": input_dtype,
         "how": dict(HOW_MEASURED),
     }
     return MemoryReport(source, shape, layers, totals, inference, schedules, sweep, fits, settings, notes)
@@ -259,6 +312,8 @@ class ReportInput:
     input_shape: InputShape | None
     notes: list[str] = field(default_factory=list)
     container: str = "list"
+    layout: str | None = None  # what a converted folder's manifest records (None: nothing recorded)
+    dtype: str | None = None
 
 
 def load_report_input(
@@ -275,9 +330,8 @@ def load_report_input(
     """A converted folder (``load_converted``; original = ``densify``) or a checkpoint / ``--arch``
     converted in memory with ``config`` (original = the loaded model)."""
     from ..convert import convert_model
-    from ..models import load_model
+    from ..models import default_input_shape, load_model
     from ..saved_model import is_converted_dir, load_converted
-    from ..models import default_input_shape
 
     if source is not None:
         path = Path(source)
@@ -290,10 +344,13 @@ def load_report_input(
                     "pass a folder written by `stjfd convert`, or a checkpoint file",
                 )
             loaded = load_converted(path, trust_pickle=trust_pickle, trust_code=trust_code, model=model)
+            from ..layouts import recorded_dtype, recorded_layout
+
             shape, _, container, _ = recorded_input(loaded.manifest)
             return ReportInput(
                 loaded.model, densify(loaded.model).eval(), str(path), shape,
                 ["original = the converted layers rebuilt dense (DecomposedConv3d.to_conv3d)"], container,
+                recorded_layout(loaded.manifest), recorded_dtype(loaded.manifest),
             )
     loaded = load_model(
         source, arch=arch, model=model, model_kwargs=model_kwargs, trust_pickle=trust_pickle, strict=strict
