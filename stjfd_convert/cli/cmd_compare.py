@@ -10,14 +10,21 @@ from rich.markup import escape
 
 from . import render
 from .app import app, guarded
-from .cmd_finetune import _parse_size, _parse_triple
+from .cmd_finetune import _parse_triple
 from .options import (
     ArchOption,
+    InputDtypeOption,
+    InputLayoutOption,
     JsonOption,
     ModelKwargsOption,
     ModelOption,
+    NoNormalizeOption,
+    ResizeModeOption,
+    SizeOption,
     TrustCodeOption,
     TrustPickleOption,
+    check_resize_mode,
+    parse_size,
 )
 from .render import FitTable as Table  # wraps rather than cuts on a narrow terminal
 
@@ -57,9 +64,13 @@ def compare(
     trust_pickle: TrustPickleOption = False,
     trust_code: TrustCodeOption = False,
     clip_len: Optional[int] = typer.Option(None, "--clip-len", help="default: as the converted folder records"),
-    size: Optional[str] = typer.Option(None, "--size", help="N or HEIGHT,WIDTH (default: as recorded)"),
+    size: SizeOption = None,
     mean: Optional[str] = typer.Option(None, "--mean", help="R,G,B mean (default: as recorded)"),
     std: Optional[str] = typer.Option(None, "--std", help="R,G,B std"),
+    input_layout: InputLayoutOption = None,
+    input_dtype: InputDtypeOption = None,
+    resize_mode: ResizeModeOption = None,
+    no_normalize: NoNormalizeOption = False,
     batch_size: int = typer.Option(4, "--batch-size", help="clips per forward"),
     threshold: float = typer.Option(0.5, "--threshold", help="per-frame probability that counts as an event"),
     tolerance: int = typer.Option(1, "--tolerance", help="frames an event may move and still match"),
@@ -73,9 +84,10 @@ def compare(
     result = compare_paths(
         original, converted, clips, arch=arch, model=model, model_kwargs=parse_model_kwargs(model_kwargs),
         trust_pickle=trust_pickle, trust_code=trust_code, clip_len=clip_len,
-        size=_parse_size(size) if size else None, mean=_parse_triple("--mean", mean),
+        size=parse_size(size), mean=_parse_triple("--mean", mean),
         std=_parse_triple("--std", std), batch_size=batch_size, threshold=threshold, tolerance=tolerance,
-        device=device,
+        device=device, layout=input_layout, dtype=input_dtype, resize_mode=check_resize_mode(resize_mode),
+        normalize=not no_normalize,
     )
     if as_json:
         render.print_json(result.to_dict())

@@ -13,14 +13,21 @@ from . import render
 from .app import app, guarded
 from .options import (
     ArchOption,
+    InputDtypeOption,
+    InputLayoutOption,
     InputShapeOption,
     JsonOption,
     ModelKwargsOption,
     ModelOption,
+    NoNormalizeOption,
     PathwayStridesOption,
+    ResizeModeOption,
+    SizeOption,
     TrustCodeOption,
     TrustPickleOption,
+    check_resize_mode,
     input_shape_value,
+    parse_size,
 )
 from .render import FitTable as Table  # wraps rather than cuts on a narrow terminal
 
@@ -142,8 +149,12 @@ def export(
         6, "--measure-repeats", help="--measure rounds: each form of each layer runs twice per round, the fastest run counts"
     ),
     opset: int = typer.Option(17, help="ONNX opset (11 to the installed exporter's maximum)"),
-    dynamic: Optional[str] = typer.Option(None, "--dynamic", help="dynamic input axes: any of batch,time,height,width"),
+    dynamic: Optional[str] = typer.Option(
+        None, "--dynamic", help="dynamic input axes: any of batch,time,height,width (placed by --input-layout)"
+    ),
     input_shape: InputShapeOption = None,
+    input_layout: InputLayoutOption = None,
+    input_dtype: InputDtypeOption = None,
     fp16: bool = typer.Option(False, "--fp16", help="store weights in float16 (inputs and compute stay float32)"),
     atol: Optional[float] = typer.Option(None, "--atol", help="validation tolerance (default 1e-4; 1e-2 with --fp16)"),
     clips: int = typer.Option(3, "--clips", help="random clips to validate on"),
@@ -193,6 +204,8 @@ def export(
             trust_pickle=trust_pickle,
             trust_code=trust_code,
             force=force,
+            input_layout=input_layout,
+            input_dtype=input_dtype,
         )
     except ExportValidationError as exc:
         _render_export(exc.result, as_json)  # every mismatch, then the one error line (exit 1)
@@ -210,9 +223,14 @@ def _render_prediction(prediction: Any, as_json: bool) -> None:
     shape = format_input_shape(prediction.input_shape)
     if prediction.playback_speed != 1.0:
         shape += f" at playback speed {prediction.playback_speed:g}"
+    if (prediction.input_layout, prediction.input_dtype) != ("BCTHW", "float32"):
+        shape += f" {prediction.input_layout} {prediction.input_dtype}"
+    if prediction.resize_mode != "crop":
+        shape += f", frames {prediction.resize_mode}ed"
+    frames = ("raw uint8 frames" if prediction.normalization is None
+              else f"normalised with {escape(prediction.normalization_source)}")
     out.print(
-        f"[bold]{escape(prediction.video.name)}[/]: centre clip {shape}, normalised with "
-        f"{escape(prediction.normalization_source)}, {prediction.num_classes} classes"
+        f"[bold]{escape(prediction.video.name)}[/]: centre clip {shape}, {frames}, {prediction.num_classes} classes"
     )
     table = Table(header_style="bold")
     for column, justify in (("rank", "right"), ("class", "right"), ("label", "left"), ("probability", "right"), ("logit", "right")):
@@ -237,14 +255,22 @@ def predict(
         1.0, "--playback-speed", help="resample the clip's frames: 0.5 = video slowed 2×, 2 = sped up 2×"
     ),
     pathway_strides: PathwayStridesOption = None,
+    input_layout: InputLayoutOption = None,
+    input_dtype: InputDtypeOption = None,
+    size: SizeOption = None,
+    resize_mode: ResizeModeOption = None,
+    no_normalize: NoNormalizeOption = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Classify the centre clip of a video with an exported ONNX model (onnxruntime, CPU)."""
+    """Classify the centre clip of a video with an exported ONNX model (onnxruntime, CPU); layout, dtype and
+    frame size default to what the graph and its metadata say."""
     from ..export import predict as run_predict
     from ..inputs import parse_pathway_strides
 
     prediction = run_predict(
         model, video, labels=labels, top_k=top_k, mean=_floats(mean, "--mean"), std=_floats(std, "--std"), threads=threads,
         playback_speed=playback_speed, pathway_strides=parse_pathway_strides(pathway_strides),
+        input_layout=input_layout, input_dtype=input_dtype, size=parse_size(size),
+        resize_mode=check_resize_mode(resize_mode), normalize=not no_normalize,
     )
     _render_prediction(prediction, as_json)

@@ -27,10 +27,15 @@ from .options import (
     JsonOption,
     ModelKwargsOption,
     ModelOption,
+    NoNormalizeOption,
     PathwayStridesOption,
+    ResizeModeOption,
+    SizeOption,
     TrustCodeOption,
     TrustPickleOption,
+    check_resize_mode,
     clip_layout,
+    parse_size,
 )
 from .render import FitTable as Table  # wraps rather than cuts on a narrow terminal
 
@@ -54,14 +59,8 @@ def _mib(value: int | None) -> str:
 
 
 def _parse_size(text: str) -> int | tuple[int, int]:
-    parts = [p.strip() for p in text.replace("x", ",").split(",") if p.strip()]
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        values = []
-    if len(values) not in (1, 2) or any(v < 1 for v in values):
-        raise ConfigError(f"--size must be a positive integer or HEIGHT,WIDTH, got {text!r}", "e.g. --size 112")
-    return values[0] if len(values) == 1 else (values[0], values[1])
+    """``--size`` (kept for the commands that import it from here; :func:`options.parse_size` is the parser)."""
+    return parse_size(text)  # type: ignore[return-value]
 
 
 def _parse_triple(name: str, text: str | None) -> tuple[float, float, float] | None:
@@ -272,7 +271,7 @@ def finetune(
     resume: bool = typer.Option(False, "--resume", help="continue the run folder SOURCE where it stopped"),
     force: bool = typer.Option(False, "--force", help="replace an existing run folder (never anything else)"),
     clip_len: int = typer.Option(16, "--clip-len", help="frames per clip"),
-    size: str = typer.Option("112", "--size", help="crop size: N or HEIGHT,WIDTH"),
+    size: str = typer.Option("112", "--size", metavar="HxW", help="frame size: N (square) or HxW, e.g. 27x48"),
     frame_stride: int = typer.Option(1, "--frame-stride", help="take every n-th frame"),
     val_split: Optional[float] = typer.Option(None, "--val-split", help="hold out this share of train/ (no val/)"),
     val_clips: int = typer.Option(1, "--val-clips", help="clips per validation video (logits averaged)"),
@@ -317,8 +316,10 @@ def finetune(
     ),
     no_plot: bool = typer.Option(False, "--no-plot", help="do not draw training_curve.png"),
     pathway_strides: PathwayStridesOption = None,
-    input_layout: InputLayoutOption = "BCTHW",
-    input_dtype: InputDtypeOption = "float32",
+    input_layout: InputLayoutOption = None,
+    input_dtype: InputDtypeOption = None,
+    resize_mode: ResizeModeOption = None,
+    no_normalize: NoNormalizeOption = False,
     unlabeled: bool = typer.Option(
         False, "--unlabeled", help="every video under DATA_ROOT, no class folders, no labels (use with --distill)"
     ),
@@ -388,12 +389,14 @@ def finetune(
                 raise ConfigError(f"--val-split must be between 0 and 1, got {val_split}", "e.g. --val-split 0.2")
             with view:
                 result = ft.finetune_paths(
-                    source, data, config, output=output, clip_len=clip_len, size=_parse_size(size),
+                    source, data, config, output=output, clip_len=clip_len, size=parse_size(size),
                     frame_stride=frame_stride, val_split=val_split, mean=_parse_triple("--mean", mean),
                     std=_parse_triple("--std", std), val_clips_per_video=val_clips, arch=arch, model=model,
                     model_kwargs=kwargs, trust_pickle=trust_pickle, trust_code=trust_code, overwrite=force,
                     command=command_line(), unlabeled=unlabeled, distill=distill, distill_loss=distill_loss,
-                    distill_weight=distill_weight, layout=clip_layout(input_layout), dtype=input_dtype,
+                    distill_weight=distill_weight, layout=clip_layout(input_layout) if input_layout else None,
+                    dtype=input_dtype, resize_mode=check_resize_mode(resize_mode) or "crop",
+                    normalize=not no_normalize,
                     callbacks=[view], progress=view.indexing,
                 )
     except ft.TrainingInterrupted as exc:
@@ -429,7 +432,7 @@ def evaluate(
     model_dir: Path = typer.Argument(..., help="model folder, e.g. runs/exp1/best (or any converted model)"),
     data: Path = typer.Argument(..., help="labelled split: class folders or a list file (or a root with val/)"),
     clip_len: Optional[int] = typer.Option(None, "--clip-len", help="default: as fine-tuned"),
-    size: Optional[str] = typer.Option(None, "--size", help="default: as fine-tuned"),
+    size: SizeOption = None,
     frame_stride: Optional[int] = typer.Option(None, "--frame-stride"),
     clips_per_video: Optional[int] = typer.Option(None, "--clips", help="clips per video, logits averaged"),
     mean: Optional[str] = typer.Option(None, "--mean", help="R,G,B mean (default: as fine-tuned)"),
@@ -446,9 +449,14 @@ def evaluate(
     labels: Optional[Path] = typer.Option(
         None, "--labels", help="text file: the model's class names, one per output in order (matches folders by name)"
     ),
+    input_layout: InputLayoutOption = None,
+    input_dtype: InputDtypeOption = None,
+    resize_mode: ResizeModeOption = None,
+    no_normalize: NoNormalizeOption = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Accuracy (top-1/top-5), loss, per-class accuracy and confusion matrix at full resolution."""
+    """Accuracy (top-1/top-5), loss, per-class accuracy and confusion matrix at full resolution (clip options
+    default to what the folder records)."""
     from ..finetune import evaluate_folder
 
     interactive = not as_json and render.stderr.is_terminal
@@ -466,10 +474,12 @@ def evaluate(
 
     with progress_bar:
         result, skipped = evaluate_folder(
-            model_dir, data, clip_len=clip_len, size=_parse_size(size) if size else None, frame_stride=frame_stride,
+            model_dir, data, clip_len=clip_len, size=parse_size(size), frame_stride=frame_stride,
             clips_per_video=clips_per_video, mean=_parse_triple("--mean", mean), std=_parse_triple("--std", std),
             batch_size=batch_size, workers=workers, device=device, amp=amp, trust_pickle=trust_pickle,
             trust_code=trust_code, progress=progress, playback_speed=playback_speed, labels=labels,
+            layout=input_layout, dtype=input_dtype, resize_mode=check_resize_mode(resize_mode),
+            normalize=not no_normalize,
         )
     if result.class_note and not as_json:
         render.stderr.print(f"[dim]note:[/] {escape(result.class_note)}")

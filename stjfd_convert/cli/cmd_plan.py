@@ -10,7 +10,7 @@ from rich.markup import escape
 from ..inputs import format_input_shape
 from . import render
 from .app import app, guarded
-from .options import InputShapeOption, TrustCodeOption, input_shape_value
+from .options import InputDtypeOption, InputLayoutOption, InputShapeOption, TrustCodeOption, input_shape_value
 from .render import FitTable as Table  # wraps rather than cuts on a narrow terminal
 
 
@@ -19,27 +19,36 @@ from .render import FitTable as Table  # wraps rather than cuts on a narrow term
 def plan(
     directory: Path = typer.Argument(..., help="converted-model folder (from stjfd convert)"),
     input_shape: InputShapeOption = None,
-    input_dtype: str = typer.Option("float32", "--input-dtype"),
+    input_layout: InputLayoutOption = None,
+    input_dtype: InputDtypeOption = None,
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
     repeats: int = typer.Option(5, "--repeats", help="timed runs per form and layer (median)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="measure and show, do not write the manifest"),
     trust_code: TrustCodeOption = False,
     as_json: bool = typer.Option(False, "--json", help="print the plan as JSON"),
 ) -> None:
-    """Time fused / factorized / sandwich / spatial_first / temporal_first per layer; keep the fastest."""
+    """Time fused / factorized / sandwich / spatial_first / temporal_first per layer; keep the fastest.
+
+    The timing clip is --input-shape in the model's --input-layout and --input-dtype, each defaulting to
+    what the folder's manifest records."""
+    from ..config import check_device
+    from ..layouts import folder_input
     from ..workflows import plan_converted
 
-    shape = input_shape_value(input_shape)
+    check_device(device)  # `--device cuda` without a GPU: refused before anything is read
+    shape, layout, dtype = folder_input(directory, input_shape_value(input_shape), input_layout, input_dtype)
     with render.step_progress(not as_json and render.stderr.is_terminal, "measuring") as progress:
         result, path = plan_converted(
-            directory, shape, device=device, repeats=repeats, input_dtype=input_dtype, save=not dry_run,
+            directory, shape, device=device, repeats=repeats, input_dtype=dtype, save=not dry_run,
             trust_code=trust_code, progress=progress,
         )
     if as_json:
-        render.print_json({**result.to_dict(), "manifest": str(path) if path else None})
+        render.print_json({**result.to_dict(), "input_layout": layout, "input_dtype": dtype,
+                           "manifest": str(path) if path else None})
         return
     forms = list(result.layers[0].measured) if result.layers else []
-    table = Table(title=f"execution plan for {format_input_shape(result.input_shape)} on {result.device}")
+    clip = format_input_shape(result.input_shape) + (f" {layout} {dtype}" if (layout, dtype) != ("BCTHW", "float32") else "")
+    table = Table(title=f"execution plan for {clip} on {result.device}")
     table.add_column("layer")
     table.add_column("input")
     for form in forms:

@@ -16,6 +16,8 @@ from . import render
 from .app import app, guarded
 from .options import (
     ArchOption,
+    InputDtypeOption,
+    InputLayoutOption,
     InputShapeOption,
     ModelKwargsOption,
     ModelOption,
@@ -210,6 +212,8 @@ def report(
     trust_pickle: TrustPickleOption = False,
     non_strict: NonStrictOption = False,
     input_shape: InputShapeOption = None,
+    input_layout: InputLayoutOption = None,
+    input_dtype: InputDtypeOption = None,
     spatial_downsample: int = typer.Option(2, "--spatial-downsample", "-s", help="temporal stage: frames H/s × W/s"),
     temporal_downsample: int = typer.Option(2, "--temporal-downsample", "-r", help="spatial stage: T/r frames"),
     optimizer: str = typer.Option("sgd", "--optimizer", help="sgd (momentum) | adamw"),
@@ -224,11 +228,14 @@ def report(
     trust_code: TrustCodeOption = False,
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
 ) -> None:
-    """Measured savings: parameters, MACs, inference and training memory, and what fits in a budget."""
+    """Measured savings: parameters, MACs, inference and training memory, and what fits in a budget.
+
+    --input-shape is in the model's --input-layout (default: what the folder records, else BCTHW)."""
     import torch
 
     from ..atomic import check_output
     from ..layers import MODES, DecomposedConv3d
+    from ..layouts import check_input_dtype, check_input_layout
     from ..models import model_source_paths, parse_model_kwargs
     from ..report import (
         load_report_input,
@@ -239,6 +246,8 @@ def report(
     )
 
     budget = parse_bytes(memory_budget) if memory_budget is not None else None
+    layout = check_input_layout(input_layout) if input_layout is not None else None
+    dtype = check_input_dtype(input_dtype) if input_dtype is not None else None
     shape = input_shape_value(input_shape)
     if shape is not None:
         from ..inputs import check_clip_shapes
@@ -265,7 +274,12 @@ def report(
         for module in loaded.converted.modules():
             if isinstance(module, DecomposedConv3d):
                 module.mode = mode
-    shape = shape or loaded.input_shape
+    layout = layout or loaded.layout or "BCTHW"
+    if shape is None and loaded.input_shape is not None:
+        from ..layouts import from_bcthw, to_bcthw
+
+        # The recorded shape, re-laid out only when the folder records the layout it is in.
+        shape = loaded.input_shape if loaded.layout is None else from_bcthw(to_bcthw(loaded.input_shape, loaded.layout), layout)
     if shape is None:
         raise ConfigError("the input shape of this model is unknown", "pass --input-shape B,C,T,H,W")
     with _status(not as_json and render.stderr.is_terminal) as progress:
@@ -273,7 +287,8 @@ def report(
             loaded.converted, shape, original=loaded.original, source=loaded.source,
             spatial_downsample=spatial_downsample, temporal_downsample=temporal_downsample, optimizer=optimizer,
             device=resolved_device, steps=steps, training=not no_training, memory_budget=budget, frame_size=size,
-            progress=progress, container=loaded.container,
+            progress=progress, container=loaded.container, layout=layout,
+            input_dtype=dtype or loaded.dtype or "float32",
         )
     result.notes[:0] = loaded.notes
     if markdown_file is not None:

@@ -47,27 +47,69 @@ PathwayStridesOption = Annotated[
     ),
 ]
 InputLayoutOption = Annotated[
-    str,
+    Optional[str],
     typer.Option(
-        "--input-layout", help="how the model takes a clip batch: BCTHW (torchvision) | BTHWC (frames, RGB last) | BTCHW"
+        "--input-layout",
+        help="how the model takes a clip batch: BCTHW (torchvision) | BTHWC (frames, RGB last) | BTCHW; "
+        "default: what the converted folder records, else BCTHW",
     ),
 ]
 InputDtypeOption = Annotated[
-    str, typer.Option("--input-dtype", help="float32 (normalised with --mean/--std) | uint8 (raw 0-255 frames)")
+    Optional[str],
+    typer.Option(
+        "--input-dtype",
+        help="float32 (normalised with --mean/--std) | uint8 (raw 0-255 frames); default: as recorded, else float32",
+    ),
+]
+SizeOption = Annotated[
+    Optional[str], typer.Option("--size", metavar="HxW", help="frame size: N (square) or HxW, e.g. 27x48")
+]
+ResizeModeOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--resize-mode",
+        help="crop: resize the short side, centre/random crop (default) | stretch: the whole frame resized to "
+        "exactly HxW, no crop",
+    ),
+]
+NoNormalizeOption = Annotated[
+    bool,
+    typer.Option(
+        "--no-normalize", help="float frames scaled to 0..1 only: no mean/std, even the architecture's known ones"
+    ),
 ]
 
 
-def clip_layout(value: str) -> str:
-    """``--input-layout BTHWC`` → the per-clip layout the datasets use (``THWC``)."""
+def clip_layout(value: str | None) -> str:
+    """``--input-layout BTHWC`` → the per-clip layout the datasets use (``THWC``); None → ``CTHW``."""
+    from ..layouts import clip_layout as to_clip
+
+    return to_clip(value if value is not None else "BCTHW")
+
+
+def parse_size(text: str | None, flag: str = "--size") -> int | tuple[int, int] | None:
+    """``--size``: ``112`` → 112, ``27x48`` (or ``27,48``, ``27×48``) → (27, 48); None stays None."""
+    if text is None:
+        return None
     from ..errors import ConfigError
 
-    text = value.strip().upper()
-    layouts = {"BCTHW": "CTHW", "BTHWC": "THWC", "BTCHW": "TCHW"}
-    if text in layouts.values():
-        return text
-    if text not in layouts:
-        raise ConfigError(f"unknown --input-layout {value!r}", "use BCTHW, BTHWC or BTCHW")
-    return layouts[text]
+    parts = [p.strip() for p in str(text).lower().replace("×", "x").replace(",", "x").split("x")]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or any(v < 1 for v in values):
+        raise ConfigError(f"{flag} must be a positive integer or HEIGHTxWIDTH, got {text!r}", f"e.g. {flag} 112 or {flag} 27x48")
+    return values[0] if len(values) == 1 else (values[0], values[1])
+
+
+def check_resize_mode(value: str | None) -> str | None:
+    """``--resize-mode``: ``crop`` or ``stretch`` (None: as recorded / crop)."""
+    if value is None:
+        return None
+    from ..data.options import check_resize_mode as check
+
+    return check(value)
 
 
 def input_shape_value(values: Optional[List[str]]) -> Any:
