@@ -37,8 +37,9 @@ class Frames(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.body = nn.Sequential(nn.Conv3d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv3d(6, 6, (1, 3, 3), padding=(0, 1, 1)),
-                                  nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Conv3d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv3d(6, 6, (1, 3, 3), padding=(0, 1, 1)), nn.ReLU()
+        )
         self.head = nn.Linear(6, 3)
 
     def forward(self, frames):
@@ -62,7 +63,8 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch.manual_seed(SEED)
     torch.save(namespace["build"]().state_dict(), root / "frames.pth")
     model = f"{root / 'frames.py'}:build"
-    outcome = run_cli(["convert", root / "frames.pth", "--model", model, "--input-shape", ",".join(map(str, SHAPE_BTHWC)),
+    shape = ",".join(map(str, SHAPE_BTHWC))
+    outcome = run_cli(["convert", root / "frames.pth", "--model", model, "--input-shape", shape,
                        "--input-dtype", "uint8", "--atoms", 4, "-o", root / "plain", "--json"])
     assert outcome.exit_code == 0, outcome.output
     loaded = load_converted(root / "plain", trust_code=True)

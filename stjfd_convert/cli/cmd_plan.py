@@ -47,7 +47,9 @@ def plan(
                            "manifest": str(path) if path else None})
         return
     forms = list(result.layers[0].measured) if result.layers else []
-    clip = format_input_shape(result.input_shape) + (f" {layout} {dtype}" if (layout, dtype) != ("BCTHW", "float32") else "")
+    clip = format_input_shape(result.input_shape)
+    if (layout, dtype) != ("BCTHW", "float32"):
+        clip += f" {layout} {dtype}"
     table = Table(title=f"execution plan for {clip} on {result.device}")
     table.add_column("layer")
     table.add_column("input")

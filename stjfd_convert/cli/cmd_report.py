@@ -279,7 +279,9 @@ def report(
         from ..layouts import from_bcthw, to_bcthw
 
         # The recorded shape, re-laid out only when the folder records the layout it is in.
-        shape = loaded.input_shape if loaded.layout is None else from_bcthw(to_bcthw(loaded.input_shape, loaded.layout), layout)
+        shape = loaded.input_shape
+        if loaded.layout is not None:
+            shape = from_bcthw(to_bcthw(shape, loaded.layout), layout)
     if shape is None:
         raise ConfigError("the input shape of this model is unknown", "pass --input-shape B,C,T,H,W")
     with _status(not as_json and render.stderr.is_terminal) as progress:

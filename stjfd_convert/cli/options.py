@@ -99,7 +99,9 @@ def parse_size(text: str | None, flag: str = "--size") -> int | tuple[int, int] 
     except ValueError:
         values = []
     if len(values) not in (1, 2) or any(v < 1 for v in values):
-        raise ConfigError(f"{flag} must be a positive integer or HEIGHTxWIDTH, got {text!r}", f"e.g. {flag} 112 or {flag} 27x48")
+        raise ConfigError(
+            f"{flag} must be a positive integer or HEIGHTxWIDTH, got {text!r}", f"e.g. {flag} 112 or {flag} 27x48"
+        )
     return values[0] if len(values) == 1 else (values[0], values[1])
 
 

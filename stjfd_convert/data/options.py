@@ -38,7 +38,8 @@ def check_resize_mode(mode: str) -> str:
     text = str(mode).strip().lower()
     if text not in RESIZE_MODES:
         raise ConfigError(
-            f"unknown --resize-mode {mode!r}", "use crop (resize the short side, then crop) or stretch (whole frame, no crop)"
+            f"unknown --resize-mode {mode!r}",
+            "use crop (resize the short side, then crop) or stretch (whole frame, no crop)",
         )
     return text
 
@@ -54,7 +55,8 @@ class ClipConfig:
     played f times as fast: clip frame k is video frame ``start + ⌊k · frame_stride · f⌋`` (nearest earlier
     frame, no blending), so 0.5 shows each frame twice (slowed 2×) and 2 skips every other one (sped up
     2×) — tempo robustness without re-encoding videos. ``resize_mode="stretch"`` resizes the whole frame to
-    exactly ``size`` instead (aspect ratio not kept, nothing cropped, no random crop; ``resize`` unused). ``mean``/``std`` (0..1 scale, per RGB channel) normalise float output;
+    exactly ``size`` instead (aspect ratio not kept, nothing cropped, no random crop; ``resize`` unused).
+    ``mean``/``std`` (0..1 scale, per RGB channel) normalise float output;
     without them frames are scaled to 0..1. ``dtype="uint8"`` returns raw frames (no normalisation).
     """
 

@@ -119,7 +119,7 @@ def predict(
     dtype = _graph_dtype(session, dtype, model_path)
     resize_mode = resize_mode or check_resize_mode(meta.get(f"{META_PREFIX}resize_mode") or "crop")
     sizes = (size, size) if isinstance(size, int) else size
-    shapes = [_clip_shape(session, meta, model_path, index, layout, sizes) for index in range(len(session.get_inputs()))]
+    shapes = [_clip_shape(session, meta, model_path, i, layout, sizes) for i in range(len(session.get_inputs()))]
     strides = _pathway_strides(meta, pathway_strides, len(shapes), model_path)
     clip_len = max(one[2] * stride for one, stride in zip(shapes, strides))
     primary = max(shapes, key=lambda one: one[2] * one[3] * one[4])
@@ -146,7 +146,8 @@ def predict(
     from ..layouts import from_bcthw
 
     return Prediction(
-        video, model_path, tuple(from_bcthw(tuple(shape), layout)), norm, source, top, len(logits),  # type: ignore[arg-type]
+        video, model_path, tuple(from_bcthw(tuple(shape), layout)), norm, source,  # type: ignore[arg-type]
+        top, len(logits),
         time.perf_counter() - start, float(playback_speed), warnings, layout, dtype, resize_mode,
     )
 

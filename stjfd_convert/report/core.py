@@ -201,7 +201,8 @@ def memory_report(
             f"the model takes {layout} {input_dtype} clips ({format_input_shape(given)}); the report's shapes are "
             "B×C×T×H×W, permuted into the model's layout as it is called"
         )
-    handles = [attach_layout_hook(net, layout, input_dtype) for net in ({id(model): model, id(original): original}.values())]
+    nets = {id(model): model, id(original): original}.values()  # once each, should they be one module
+    handles = [attach_layout_hook(net, layout, input_dtype) for net in nets]
     try:
         return _measure(
             model, original, shape, budget, notes, container=container, source=source,

@@ -40,6 +40,7 @@ ADAPTER_CASES = [
     (["finetune", "folder", "data", "-o", "run", "--input-layout", "CTHWB"], ["--input-layout 'CTHWB'"]),
     (["finetune", "folder", "data", "-o", "run", "--no-normalize", "--mean", "0.5,0.5,0.5", "--std", "0.2,0.2,0.2"],
      ["--no-normalize", "--mean"]),
+    (["finetune", "run", "--resume", "--resize-mode", "stretch"], ["--resize-mode", "cannot be changed when resuming"]),
 ]
 
 
