@@ -112,11 +112,20 @@ class DeviceCosts:
     margin: float  # a factorised form must beat fused by this factor to be chosen without measurement
 
 
-# Calibrated with benchmarks/bench_inference.py --calibrate (see BENCHMARKS.md). The margin keeps the
-# cost model conservative: when it is unsure, fused (= the original conv's cost) wins.
+# The margin is the cost model's noise guard: a factorised form must be predicted this much faster than
+# fused to be chosen without measurement, so when the model is unsure, fused (= the original conv's cost)
+# wins; a measured plan (planner.py) overrides it either way.
 DEVICE_COSTS = {
+    # Calibrated with benchmarks/bench_inference.py --calibrate on the 2-core CPU machine (BENCHMARKS.md).
     "cpu": DeviceCosts(2.4e11, 7.9e9, 8.5e9, 0.0, 8.5e9, 0.7),
-    "cuda": DeviceCosts(2.0e13, 5.0e11, 1.5e12, 2.0e-5, 1.0e12, 0.7),
+    # NVIDIA H200 (issue #16: torch 2.11, cuDNN, fp32/bf16), fitted to the whole-model r3d_18 ratios measured
+    # there — every factorised form 2–15× slower than dense, temporal_first 1.4–3.6×, factorized 1.8–15× —
+    # which this profile reproduces (temporal_first 1.3–1.9×, spatial_first 3.0–5.5×, sandwich 5.6–11×,
+    # factorized 5.5–16× at atoms 3×6 / 2×4, batch 1–32): cuDNN's depthwise (grouped) conv3d runs ~200× below
+    # its dense rate, and each extra conv costs a launch. No r3d_18 layer comes within 0.8× of fused, and the
+    # wider guard (0.5) keeps fused unless a measured plan says otherwise. Refit on a lent GPU with
+    # benchmarks/gpu_check.sh (bench_inference.py --calibrate --device cuda).
+    "cuda": DeviceCosts(3.0e13, 1.5e11, 3.0e12, 4.0e-5, 1.0e12, 0.5),
 }
 
 
@@ -157,14 +166,20 @@ def _rates(costs: DeviceCosts) -> list[float]:
 def cheapest_form(
     geometry: ConvGeometry, m_t: int, m_s: int, batch: int, t: int, h: int, w: int, device: str = "cpu"
 ) -> str:
-    """The form the cost model predicts fastest; fused unless another wins by the device's margin."""
+    """The form the cost model predicts fastest; fused unless another wins by the device's margin.
+
+    A device type without figures of its own (anything but cpu and cuda) runs fused: the CPU figures say
+    nothing about it, and fused costs what the original layer costs everywhere.
+    """
+    if device not in DEVICE_COSTS:
+        return "fused"
     fused = predict_seconds("fused", geometry, m_t, m_s, batch, t, h, w, device)
     best, best_time = "fused", fused
     for form in FORMS[1:]:
         seconds = predict_seconds(form, geometry, m_t, m_s, batch, t, h, w, device)
         if seconds < best_time:
             best, best_time = form, seconds
-    margin = DEVICE_COSTS.get(device, DEVICE_COSTS["cpu"]).margin
+    margin = DEVICE_COSTS[device].margin
     return best if best_time <= margin * fused else "fused"
 
 
