@@ -7,13 +7,14 @@ import fnmatch
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
 from .config import ConvertConfig
 from .errors import ConfigError, ModelError
+from .functional.calibrated import LayerStatistics, calibrated_decompose, whitened_kernel
 from .functional.conv import ConvGeometry
 from .functional.decompose import (
     BudgetLayer,
@@ -45,6 +46,11 @@ class LayerReport:
     skipped: str | None = None  # reason, when the layer was left dense
     seconds: float = 0.0
     form: str | None = None  # execution form chosen for the parity input (mode auto) or the fixed mode
+    # Data-aware conversion (``--calibrate``): relative output errors on the calibration clips, and the
+    # plain (weight-fitted) decomposition's errors at the same atoms, for comparison.
+    output_error: float | None = None
+    plain_rel_error: float | None = None
+    plain_output_error: float | None = None
 
     @property
     def decomposed(self) -> bool:
@@ -69,6 +75,7 @@ class ConversionReport:
     config: ConvertConfig
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    calibration: dict[str, Any] | None = None  # how the statistics were gathered, when calibrated
 
     @property
     def ratio(self) -> float:
@@ -106,6 +113,7 @@ class ConversionReport:
             },
             "seconds": self.seconds,
             "config": self.config.to_dict(),
+            "calibration": self.calibration,
             "notes": list(self.notes),
             "warnings": list(self.warnings),
         }
@@ -191,15 +199,30 @@ def _conv_budget(config: ConvertConfig, layers: list[BudgetLayer], model_params:
     return min(1.0, (budget * model_params - fixed) / dense)
 
 
+def _ranking_weight(
+    name: str, conv: nn.Conv3d, statistics: Mapping[str, LayerStatistics] | None
+) -> torch.Tensor:
+    """The kernel the rank policies measure energy on: in the output metric when calibrated."""
+    if statistics is not None and name in statistics:
+        return whitened_kernel(conv.weight, statistics[name], conv.groups)
+    return conv.weight
+
+
 def _choose_ranks(
-    config: ConvertConfig, candidates: list[tuple[str, nn.Conv3d, ConvGeometry]], model_params: int
+    config: ConvertConfig,
+    candidates: list[tuple[str, nn.Conv3d, ConvGeometry]],
+    model_params: int,
+    statistics: Mapping[str, LayerStatistics] | None = None,
 ) -> dict[str, tuple[int, int] | str]:
     """Ranks per layer name, or the reason it stays dense."""
     choice: dict[str, tuple[int, int] | str] = {}
     if config.policy == "budget":
         budget_layers = [
-            BudgetLayer(core_energy_table(conv.weight), _layer_params(geom), _dense_weight_params(conv))
-            for _, conv, geom in candidates
+            BudgetLayer(
+                core_energy_table(_ranking_weight(name, conv, statistics)), _layer_params(geom),
+                _dense_weight_params(conv),
+            )
+            for name, conv, geom in candidates
         ]
         share = _conv_budget(config, budget_layers, model_params)
         for (name, _, _), ranks in zip(candidates, allocate_budget(budget_layers, share)):
@@ -210,7 +233,7 @@ def _choose_ranks(
         if config.policy == "full_rank":
             ranks = (length, taps)
         elif config.policy == "energy":
-            spectrum_t, spectrum_s = mode_spectra(conv.weight)
+            spectrum_t, spectrum_s = mode_spectra(_ranking_weight(name, conv, statistics))
             ranks = (energy_rank(spectrum_t, config.energy or 1.0), energy_rank(spectrum_s, config.energy or 1.0))
         else:
             ranks = default_atoms(length, taps, config.temporal_atoms, config.spatial_atoms)
@@ -257,12 +280,18 @@ def densify(model: nn.Module) -> nn.Module:
 
 
 def convert_model(
-    model: nn.Module, config: ConvertConfig | None = None, *, progress: ProgressCallback | None = None
+    model: nn.Module,
+    config: ConvertConfig | None = None,
+    *,
+    progress: ProgressCallback | None = None,
+    statistics: Mapping[str, LayerStatistics] | None = None,
 ) -> tuple[nn.Module, ConversionReport]:
     """Return a copy of ``model`` with its Conv3d layers decomposed, and a per-layer report.
 
     The input model is left untouched. 1×1×1 convs, layers excluded by ``include``/``exclude`` and
     layers whose atoms would not save parameters stay dense, with the reason in the report.
+    ``statistics`` ({layer name: input statistics}, see :func:`stjfd_convert.calibrate.gather_statistics`)
+    makes the named layers data-aware: ranks and atoms are chosen for the layer's output.
 
     Long because each layer passes through one sequence (select, rank, decompose, check, replace,
     record) whose steps feed the same report row; the steps themselves live in decompose/ and planner.
@@ -316,7 +345,7 @@ def convert_model(
         else:
             candidates.append((name, conv, geom))
     _validate_atoms(config, [geom for _, _, geom in candidates])
-    choices = _choose_ranks(config, candidates, count_parameters(model)) if candidates else {}
+    choices = _choose_ranks(config, candidates, count_parameters(model), statistics) if candidates else {}
 
     replacements: dict[int, nn.Module] = {}
     total = len(convs)
@@ -325,7 +354,13 @@ def convert_model(
         choice = choices.get(name)
         if isinstance(choice, tuple):
             tick = time.perf_counter()
-            decomposition = decompose(conv.weight, choice[0], choice[1], method=config.method)
+            stats = statistics.get(name) if statistics is not None and config.policy != "full_rank" else None
+            if stats is not None:
+                decomposition, _ = calibrated_decompose(
+                    conv.weight, choice[0], choice[1], stats, groups=conv.groups, method=config.method
+                )
+            else:
+                decomposition = decompose(conv.weight, choice[0], choice[1], method=config.method)
             layer = DecomposedConv3d.from_decomposition(conv, decomposition, mode=config.mode)
             replacements[id(conv)] = layer
             report.temporal_atoms, report.spatial_atoms = choice

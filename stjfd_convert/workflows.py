@@ -13,8 +13,8 @@ from torch import nn
 
 from .atomic import check_output
 from .config import ConvertConfig
-from .formats import DEMO_CONVERTED_DIR, DEMO_RUN_DIR
 from .convert import ConversionReport, ProgressCallback, convert_model
+from .formats import DEMO_CONVERTED_DIR, DEMO_RUN_DIR
 from .inputs import InputShape, normalize_input_shape, recorded_input
 from .models import ArchSpec, default_input_shape, load_model, model_source_paths
 from .parity import ParityResult, check_input_memory, compare_models, parse_dtype
@@ -64,16 +64,24 @@ def convert_checkpoint(
     input_dtype: str = "float32",
     input_container: str = "list",
     pathway_strides: Sequence[int] | None = None,
+    input_layout: str | None = None,
+    calibrate: str | os.PathLike[str] | None = None,
+    calibrate_clips: int = 32,
+    normalize: bool = True,
     parity: bool = True,
     save: bool = True,
     overwrite: bool = False,
     command: str | None = None,
     progress: ProgressCallback | None = None,
+    calibration_progress: Any = None,
 ) -> ConvertResult:
     """Load a checkpoint, decompose its Conv3d layers, check parity and save the converted folder.
 
-    The output folder is checked against the output-safety policy (:mod:`stjfd_convert.atomic`) before
-    any work and written atomically at the end; ``overwrite`` replaces only a converted folder.
+    ``calibrate`` (a folder of videos) makes the conversion data-aware (:func:`stjfd_convert.calibrate.
+    calibrate_model` on ``calibrate_clips`` clips cut like ``input_shape`` in ``input_layout``, normalised as
+    the architecture expects unless ``normalize`` is false). The output folder is checked against the
+    output-safety policy (:mod:`stjfd_convert.atomic`) before any work and written atomically at the end;
+    ``overwrite`` replaces only a converted folder.
     """
     start = time.perf_counter()
     dtype = parse_dtype(input_dtype)
@@ -88,9 +96,15 @@ def convert_checkpoint(
         checkpoint, arch=arch, model=model, model_kwargs=model_kwargs, trust_pickle=trust_pickle, strict=strict
     )
     original = loaded.model.eval()
-    converted, report = convert_model(original, config, progress=progress)
     shape = normalize_input_shape(input_shape) if input_shape else default_input_shape(loaded.spec)
     notes = list(loaded.notes)
+    if calibrate is not None:
+        converted, report = _calibrated(
+            original, config, loaded, calibrate, calibrate_clips, shape, input_layout or "BCTHW", input_dtype,
+            pathway_strides, input_container, normalize, progress, calibration_progress,
+        )
+    else:
+        converted, report = convert_model(original, config, progress=progress)
     parity_result = None
     if shape is not None:
         _record_forms(converted, report, shape, dtype, input_container)
@@ -111,6 +125,7 @@ def convert_checkpoint(
             input_dtype=input_dtype,
             input_container=input_container,
             pathway_strides=pathway_strides,
+            input_layout=input_layout,
             command=command,
             conversion={
                 **report.to_dict(),
@@ -127,6 +142,52 @@ def convert_checkpoint(
         model=converted,
         seconds=time.perf_counter() - start,
     )
+
+
+def _calibrated(
+    original: nn.Module,
+    config: ConvertConfig,
+    loaded: Any,
+    folder: str | os.PathLike[str],
+    clips: int,
+    shape: InputShape | None,
+    layout: str,
+    dtype: str,
+    strides: Sequence[int] | None,
+    container: str,
+    normalize: bool,
+    progress: ProgressCallback | None,
+    calibration_progress: Any,
+) -> tuple[nn.Module, ConversionReport]:
+    """``convert_model`` with statistics from the videos under ``folder`` (see ``convert_checkpoint``)."""
+    from .calibrate import calibrate_model, calibration_clips
+    from .data.options import normalization_for
+    from .errors import ConfigError
+    from .models import TORCHVISION_VIDEO_ARCHS
+
+    if shape is None:
+        raise ConfigError("--calibrate needs the model's input shape", "pass --input-shape, e.g. 1,3,16,112,112")
+    mean = std = None
+    if normalize and dtype != "uint8":
+        known = _known_classes(loaded.sha256).get("normalization")
+        if known:
+            mean, std = known["mean"], known["std"]
+        elif loaded.spec.kind == "torchvision" and loaded.spec.name in TORCHVISION_VIDEO_ARCHS:
+            mean, std = normalization_for(loaded.spec.name)
+    batches = calibration_clips(
+        folder, shape, layout=layout, dtype=dtype, clips=clips, mean=mean, std=std, pathway_strides=strides,
+        container=container,
+    )
+    converted, report = calibrate_model(original, batches, config, progress=calibration_progress, layer_progress=progress)
+    report.calibration = {
+        **(report.calibration or {}),
+        "folder": str(Path(folder).resolve()),
+        "clips": batches.clips,
+        "layout": layout,
+        "dtype": dtype,
+        "normalization": {"mean": list(mean), "std": list(std)} if mean is not None else None,
+    }
+    return converted, report
 
 
 def _known_classes(sha256: str | None) -> dict[str, Any]:

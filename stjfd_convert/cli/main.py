@@ -10,18 +10,22 @@ import typer
 from rich.markup import escape
 
 from ..config import ConvertConfig
+from ..errors import ConfigError
 from ..inputs import check_container
 from . import render
 from .app import app, command_line, guarded
 from .options import (
     ArchOption,
+    InputLayoutOption,
     InputShapeOption,
     JsonOption,
     ModelKwargsOption,
     ModelOption,
+    NoNormalizeOption,
     NonStrictOption,
     PathwayStridesOption,
     TrustPickleOption,
+    clip_layout,
     input_shape_value,
 )
 
@@ -34,6 +38,9 @@ def _render_convert(result: Any, as_json: bool) -> None:
     out.print(render.conversion_table(result.report))
     for line in render.totals_lines(result.report):
         out.print(line)
+    calibration = render.calibration_line(result.report)
+    if calibration is not None:
+        out.print(calibration)
     out.print(render.parity_line(result.parity))
     for note in result.report.notes + result.notes:
         out.print(f"[dim]note:[/] {escape(note)}")
@@ -84,6 +91,13 @@ def convert(
         "list", "--input-container", help="how several --input-shape pathways are passed: list | tuple"
     ),
     pathway_strides: PathwayStridesOption = None,
+    input_layout: InputLayoutOption = None,
+    calibrate: Optional[Path] = typer.Option(
+        None, "--calibrate", metavar="DIR",
+        help="data-aware conversion: fit atoms to each layer's output on clips from the videos under DIR",
+    ),
+    calibrate_clips: int = typer.Option(32, "--calibrate-clips", help="clips to calibrate on (with --calibrate)"),
+    no_normalize: NoNormalizeOption = False,
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="output folder (default <stem>-stjfd/)"),
     force: bool = typer.Option(False, "--force", help="replace an existing converted folder (never anything else)"),
     as_json: JsonOption = False,
@@ -106,7 +120,11 @@ def convert(
     )
     kwargs = parse_model_kwargs(model_kwargs)
     shape = input_shape_value(input_shape)
-    with render.layer_progress(not as_json and render.stderr.is_terminal) as progress:
+    layout = _batch_layout(input_layout)
+    if calibrate_clips < 1:
+        raise ConfigError(f"--calibrate-clips must be ≥ 1, got {calibrate_clips}", "e.g. --calibrate-clips 32")
+    show = not as_json and render.stderr.is_terminal
+    with render.layer_progress(show) as progress, render.phase_progress(show and calibrate is not None) as phases:
         result = convert_checkpoint(
             checkpoint,
             config,
@@ -120,11 +138,23 @@ def convert(
             input_dtype=input_dtype,
             input_container=check_container(input_container),
             pathway_strides=_strides_for(shape, pathway_strides),
+            input_layout=layout,
+            calibrate=calibrate,
+            calibrate_clips=calibrate_clips,
+            normalize=not no_normalize,
             overwrite=force,
             command=command_line(),
             progress=progress,
+            calibration_progress=phases,
         )
     _render_convert(result, as_json)
+
+
+def _batch_layout(value: Optional[str]) -> Optional[str]:
+    """``--input-layout`` checked and spelled as a batch layout (BCTHW, BTHWC, BTCHW), or None."""
+    if value is None:
+        return None
+    return "B" + clip_layout(value)
 
 
 @app.command()

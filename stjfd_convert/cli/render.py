@@ -132,8 +132,38 @@ def step_progress(enabled: bool, description: str) -> Iterator[Any]:
             yield lambda done, total, name: callback(SimpleNamespace(index=done, total=total, name=name))
 
 
+@contextlib.contextmanager
+def phase_progress(enabled: bool) -> Iterator[Any]:
+    """A progress bar per phase for callbacks ``progress(phase, done, total)`` (calibration passes)."""
+    if not enabled:
+        yield None
+        return
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=stderr, transient=True,
+    )
+    tasks: dict[str, Any] = {}
+
+    def callback(phase: str, done: int, total: int) -> None:
+        if phase not in tasks:
+            tasks[phase] = progress.add_task(f"calibrating: {phase}", total=total or None)
+        progress.update(tasks[phase], completed=done)
+
+    with progress:
+        yield callback
+
+
+def _errors_cell(calibrated: float | None, plain: float | None) -> str:
+    if calibrated is None:
+        return ""
+    return f"{calibrated:.2e}" if plain is None else f"{calibrated:.2e} ({plain:.2e})"
+
+
 def conversion_table(report: ConversionReport) -> Table:
-    """One row per Conv3d plus a totals row."""
+    """One row per Conv3d plus a totals row; with calibration, weight and output errors (plain in brackets)."""
+    calibrated = report.calibration is not None
+    if calibrated:
+        return _calibrated_table(report)
     table = FitTable(title="Conv3d layers", header_style="bold", show_lines=False)
     table.add_column("layer", no_wrap=True)
     table.add_column("kernel, channels")
@@ -161,6 +191,48 @@ def conversion_table(report: ConversionReport) -> Table:
                 layer.form or "",
             )
     return table
+
+
+def _calibrated_table(report: ConversionReport) -> Table:
+    table = FitTable(title="Conv3d layers (calibrated; plain decomposition in brackets)", header_style="bold")
+    table.add_column("layer", no_wrap=True)
+    table.add_column("kernel, channels")
+    table.add_column("atoms m_t×m_s", min_width=len("m_t×m_s"))
+    table.add_column("ratio", justify="right", no_wrap=True)
+    table.add_column("weight error", justify="right")
+    table.add_column("output error", justify="right")
+    for layer in report.layers:
+        kernel = "×".join(str(k) for k in layer.kernel_size)
+        channels = f"{layer.in_channels}→{layer.out_channels}" + (f" g{layer.groups}" if layer.groups > 1 else "")
+        if layer.skipped:
+            table.add_row(escape(layer.name), f"{kernel} {channels}", f"[dim]skipped: {escape(layer.skipped)}[/]",
+                          "", "", "")
+            continue
+        table.add_row(
+            escape(layer.name), f"{kernel} {channels}", f"{layer.temporal_atoms}×{layer.spatial_atoms}",
+            f"{layer.ratio:.3f}", _errors_cell(layer.rel_error, layer.plain_rel_error),
+            _errors_cell(layer.output_error, layer.plain_output_error),
+        )
+    return table
+
+
+def calibration_line(report: ConversionReport) -> str | None:
+    """How calibration went, with the mean output error over layers against the plain decomposition."""
+    info = report.calibration
+    if info is None:
+        return None
+    rows = [layer for layer in report.layers if layer.output_error is not None and layer.plain_output_error is not None]
+    text = f"[bold]calibrated[/] on {info.get('clips', '?')} clips"
+    if rows:
+        calibrated = sum(layer.output_error for layer in rows) / len(rows)
+        plain = sum(layer.plain_output_error for layer in rows) / len(rows)
+        text += f": mean layer output error {calibrated:.3f} (plain decomposition {plain:.3f})"
+    if info.get("model_output_error") is not None:
+        text += (f"; model output error {info['model_output_error']:.3f} "
+                 f"(plain {info['plain_model_output_error']:.3f})")
+    if info.get("batchnorm"):
+        text += "; BatchNorm statistics re-estimated"
+    return text
 
 
 def totals_lines(report: ConversionReport) -> list[str]:

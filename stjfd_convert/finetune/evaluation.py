@@ -64,7 +64,10 @@ def recalibrate_batchnorm(
             m.train()
         with torch.no_grad(), _autocast(device, autocast_dtype):
             for clips in batches:
-                model(clips.to(device, non_blocking=True))
+                # A multi-pathway batch is a list/tuple of tensors (calibration feeds those too).
+                inputs = (clips.to(device, non_blocking=True) if isinstance(clips, Tensor)
+                          else type(clips)(c.to(device, non_blocking=True) for c in clips))
+                model(inputs)
                 count += 1
                 if progress is not None:
                     progress(count)
