@@ -9,10 +9,13 @@ __version__ = "0.1.0"
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .calibrate import calibrate_model, gather_statistics
+    from .compare import compare_on_clips, compare_paths
     from .config import AtomSpec, ConvertConfig, SwapConfig
     from .convert import ConversionReport, convert_model, set_mode
     from .deploy import deploy
     from .errors import StjfdError
+    from .finetune.distill import DistillationLoss
     from .layers import DecomposedConv3d
     from .saved_model import load_converted, save_converted
     from .swap import swap_atoms, swap_folder
@@ -20,6 +23,11 @@ if TYPE_CHECKING:
 # The public names, imported on first use (PEP 562): `import stjfd_convert` — and so `stjfd --help` —
 # does not pay for importing torch until a command needs it.
 _LAZY = {
+    "calibrate_model": "calibrate",
+    "gather_statistics": "calibrate",
+    "compare_on_clips": "compare",
+    "compare_paths": "compare",
+    "DistillationLoss": "finetune.distill",
     "AtomSpec": "config",
     "ConvertConfig": "config",
     "SwapConfig": "config",
@@ -52,6 +60,11 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AtomSpec",
+    "DistillationLoss",
+    "calibrate_model",
+    "compare_on_clips",
+    "compare_paths",
+    "gather_statistics",
     "ConversionReport",
     "ConvertConfig",
     "DecomposedConv3d",

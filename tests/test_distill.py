@@ -321,7 +321,7 @@ def build():
 '''
 
 
-def test_cli_uint8_channels_last_two_head_model_is_converted_distilled_and_compared(tmp_path: Path) -> None:
+def test_cli_uint8_channels_last_two_head_model_is_calibrated_distilled_and_compared(tmp_path: Path) -> None:
     import json
     import importlib.util
 
@@ -334,14 +334,20 @@ def test_cli_uint8_channels_last_two_head_model_is_converted_distilled_and_compa
     torch.manual_seed(SEED)
     torch.save(module.build().state_dict(), tmp_path / "toy.pth")
     model = ["--model", f"{tmp_path / 'toy.py'}:build"]
-    outcome = run_cli(["convert", tmp_path / "toy.pth", *model, "--input-shape", "1,8,32,32,3", "--input-dtype",
-                       "uint8", "--atoms", 2, "--temporal-atoms", 1, "-o", tmp_path / "conv", "--json"])
-    assert outcome.exit_code == 0, outcome.output
-    assert [o["name"] for o in json.loads(outcome.stdout)["parity"]["outputs"]] == ["output[0]", "output[1]['aux']"]
     make_video_dataset(tmp_path / "clips", per_class=1, T=12, H=36, W=36, seed=SEED)
+    outcome = run_cli(["convert", tmp_path / "toy.pth", *model, "--input-shape", "1,8,32,32,3", "--input-dtype",
+                       "uint8", "--input-layout", "BTHWC", "--atoms", 2, "--temporal-atoms", 1,
+                       "--calibrate", tmp_path / "clips", "-o", tmp_path / "conv", "--json"])
+    assert outcome.exit_code == 0, outcome.output
+    converted = json.loads(outcome.stdout)
+    assert [o["name"] for o in converted["parity"]["outputs"]] == ["output[0]", "output[1]['aux']"]
+    assert converted["calibration"]["layout"] == "BTHWC" and converted["calibration"]["dtype"] == "uint8"
+    rows = [layer for layer in converted["layers"] if layer["decomposed"]]
+    assert sum(r["output_error"] for r in rows) < sum(r["plain_output_error"] for r in rows)
     run = tmp_path / "kd"
+    # Layout and dtype come from the converted folder's manifest.
     outcome = run_cli(["finetune", tmp_path / "conv", tmp_path / "clips", *model, "--unlabeled", "--distill", "source",
-                       "--input-layout", "BTHWC", "--input-dtype", "uint8", "--clip-len", 8, "--size", 32,
+                       "--clip-len", 8, "--size", 32,
                        "--batch-size", 3, "--workers", 0, "--device", "cpu", "-o", run, "--json"])
     assert outcome.exit_code == 0, outcome.output
     stages = json.loads(outcome.stdout)["stages"]
