@@ -233,14 +233,15 @@ def plan_converted(
     *,
     device: str = "cpu",
     repeats: int = 5,
-    input_dtype: str = "float32",
+    input_dtype: str | None = None,
     save: bool = True,
     progress: Any = None,
     trust_code: bool = False,
 ) -> tuple[Any, Path | None]:
     """Measure every form of every layer of a converted folder and store the plan in its manifest.
 
-    The plan is an update of stjfd's own manifest in the folder (written atomically), not a new output.
+    ``input_dtype`` defaults to the dtype the folder records (float32 when none). The plan is an update of
+    stjfd's own manifest in the folder (written atomically), not a new output.
     """
     from .config import check_device
     from .planner import plan_model, save_plan
@@ -251,7 +252,8 @@ def plan_converted(
 
         raise ConfigError(f"--repeats must be an integer ≥ 1, got {repeats!r}", "e.g. --repeats 5")
     loaded = load_converted(directory, trust_code=trust_code)
-    recorded, _, container, _ = recorded_input(loaded.manifest)
+    recorded, recorded_dtype, container, _ = recorded_input(loaded.manifest)
+    input_dtype = input_dtype or recorded_dtype
     shape = normalize_input_shape(input_shape) if input_shape else None
     if shape is None:
         shape = recorded or default_input_shape(loaded.spec)
