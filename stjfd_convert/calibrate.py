@@ -28,6 +28,7 @@ from .convert import ConversionReport, ProgressCallback, convert_model, decompos
 from .errors import ConfigError
 from .functional.calibrated import LayerStatistics
 from .functional.decompose import decompose
+from .layouts import CLIP_LAYOUTS
 
 POSITIONS = 512  # output positions sampled per layer per batch
 CalibrationProgress = Callable[[str, int, int], None]  # (phase, batches done, batches total or 0)
@@ -320,9 +321,6 @@ def calibrate_model(
     return converted, report
 
 
-LAYOUT_AXES = {"BCTHW": "CTHW", "BTHWC": "THWC", "BTCHW": "TCHW"}
-
-
 def clip_geometry(
     input_shape: Any, layout: str = "BCTHW", pathway_strides: Sequence[int] | None = None
 ) -> tuple[int, tuple[int, int]]:
@@ -330,7 +328,7 @@ def clip_geometry(
     in ``layout``; for several pathways, the full-rate pathway's (``pathway_strides`` required)."""
     from .inputs import is_multi, normalize_input_shape, pathway_shapes
 
-    if layout not in LAYOUT_AXES:
+    if layout not in CLIP_LAYOUTS:
         raise ConfigError(f"unknown --input-layout {layout!r}", "use BCTHW, BTHWC or BTCHW")
     shape = normalize_input_shape(input_shape)
     shapes = pathway_shapes(shape)
@@ -342,12 +340,12 @@ def clip_geometry(
             )
         shapes = (shapes[list(pathway_strides).index(min(pathway_strides))],)
     one = shapes[0]
-    axes = LAYOUT_AXES[layout]
+    axes = CLIP_LAYOUTS[layout]
     if len(one) != 5:
         raise ConfigError(f"--calibrate needs a 5-D clip batch shape, got {list(one)}", "e.g. --input-shape 1,3,16,112,112")
     dims = dict(zip(axes, one[1:]))
     if dims["C"] != 3:
-        guess = next((name for name, order in LAYOUT_AXES.items() if dict(zip(order, one[1:]))["C"] == 3), None)
+        guess = next((name for name, order in CLIP_LAYOUTS.items() if dict(zip(order, one[1:]))["C"] == 3), None)
         raise ConfigError(
             f"--input-shape {','.join(map(str, one))} has {dims['C']} channels where {layout} puts them, "
             "and videos decode to 3 (RGB)",
@@ -415,16 +413,16 @@ def calibration_clips(
         raise ConfigError(f"--calibrate {folder} is not a folder", "pass a folder holding videos (read recursively)")
     clip_len, size = clip_geometry(input_shape, layout, pathway_strides)
     dataset = unlabeled_dataset(
-        folder, clip_len=clip_len, size=size, train=False, mean=mean, std=std, layout=LAYOUT_AXES[layout],
+        folder, clip_len=clip_len, size=size, train=False, mean=mean, std=std, layout=CLIP_LAYOUTS[layout],
         dtype=dtype,
     )
     videos = len(dataset)
     if videos < clips:
         dataset = unlabeled_dataset(
-            folder, clip_len=clip_len, size=size, train=False, mean=mean, std=std, layout=LAYOUT_AXES[layout],
+            folder, clip_len=clip_len, size=size, train=False, mean=mean, std=std, layout=CLIP_LAYOUTS[layout],
             dtype=dtype, clips_per_video=-(-clips // videos),
         )
     return CalibrationClips(dataset, clips, batch_size, pathway_strides, container)
 
 
-__all__ = ["LAYOUT_AXES", "POSITIONS", "CalibrationClips", "calibrate_model", "calibration_clips", "clip_geometry", "gather_statistics", "measure_output_errors", "sample_patches"]
+__all__ = ["POSITIONS", "CalibrationClips", "calibrate_model", "calibration_clips", "clip_geometry", "gather_statistics", "measure_output_errors", "sample_patches"]
