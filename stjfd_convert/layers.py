@@ -428,7 +428,10 @@ class DecomposedConv3d(nn.Module):
         cached = self._derived_cache.get(slot)
         if cached is not None and cached[0] == key:
             return cached[1]
-        with torch.no_grad():
+        # Built in the parameters' dtype even under autocast: the cache outlives the autocast region (a
+        # bf16 W cached while training under --amp broke the fp32 evaluation after it); autocast still
+        # casts it for the conv inside the region.
+        with torch.no_grad(), torch.autocast(self.coefficients.device.type, enabled=False):
             value = build()
         self._derived_cache[slot] = (key, value)
         return value
@@ -469,7 +472,7 @@ class DecomposedConv3d(nn.Module):
         slot = "fused/True" if torch.is_inference_mode_enabled() else "fused/False"
         cached = self._derived_cache.get(slot)
         if cached is None or cached[0] != key:
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # see _derived
                 cached = (key, self.weight)
             self._derived_cache[slot] = cached
         g = self.geometry

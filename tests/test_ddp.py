@@ -101,3 +101,34 @@ def test_ddp_two_gloo_processes_match_single_process(setup, tmp_path: Path) -> N
     assert max((a[k] - start[k]).abs().max().item() for k in a) > 100 * DDP_PARAM_ATOL
     # Only rank 0 wrote: one run folder, one JSON document.
     assert not list((tmp_path).glob(".ddp.*"))
+
+
+def test_ddp_distillation_on_unlabeled_videos_matches_single_process(setup, tmp_path: Path) -> None:
+    """``--unlabeled --distill``: each rank's teacher sees that rank's half batch; the averaged gradient is the
+    single-process one, so two gloo processes end where one does."""
+    model_dir, data = setup
+    namespace: dict = {}
+    exec(SOURCE, namespace)
+    torch.manual_seed(1)
+    teacher = tmp_path / "teacher.pth"
+    torch.save(namespace["build"]().state_dict(), teacher)
+    distill = ["--unlabeled", "--distill", str(teacher), "--model", f"{model_dir.parent / 'plainnet.py'}:build"]
+    env = {k: v for k, v in os.environ.items() if k not in ("STJFD_DEBUG", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", NO_COLOR="1", TERM="dumb", COLUMNS="200")
+    runs = {}
+    for name, launcher in (("single", []), ("ddp", ["-m", "torch.distributed.run", "--standalone",
+                                                    "--nproc_per_node", "2"])):
+        command = [sys.executable, *launcher, "-m", "stjfd_convert", "finetune", str(model_dir), str(data / "train"),
+                   *_cli_options(), *distill, "-o", str(tmp_path / name), "--json", "--trust-code"]
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = json.loads(proc.stdout)
+    assert runs["ddp"]["world_size"] == 2 and runs["ddp"]["steps"] == runs["single"]["steps"]
+    steps = lambda run: [r["loss"] for r in read_metrics(run) if r["type"] == "step"]  # noqa: E731
+    assert steps(tmp_path / "ddp") == pytest.approx(steps(tmp_path / "single"), abs=DDP_LOSS_ATOL)
+    a = load_converted(tmp_path / "single" / "last", trust_code=True).model.state_dict()
+    b = load_converted(tmp_path / "ddp" / "last", trust_code=True).model.state_dict()
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=0, atol=DDP_PARAM_ATOL), (key, (a[key] - b[key]).abs().max())
+    start = load_converted(model_dir, trust_code=True).model.state_dict()
+    assert max((a[k] - start[k]).abs().max().item() for k in a) > 100 * DDP_PARAM_ATOL

@@ -122,9 +122,12 @@ def test_labels_mix_in_only_where_clips_have_them() -> None:
     assert "label" in with_labels and "label" not in without
 
 
-def test_finetune_distils_a_converted_classifier_on_unlabeled_videos(tmp_path: Path) -> None:
+@pytest.mark.parametrize("amp, bn_recal_batches", [(False, 0), (True, 2)], ids=["fp32", "bf16-autocast+bn-recal"])
+def test_finetune_distils_a_converted_classifier_on_unlabeled_videos(
+    tmp_path: Path, amp: bool, bn_recal_batches: int
+) -> None:
     """The alternating schedule with the teacher seeing each stage's clip: the student moves towards it,
-    the teacher does not move at all."""
+    the teacher does not move at all — also under autocast and with BatchNorm re-estimated after stages."""
     make_video_dataset(tmp_path / "clips" / "a", per_class=2, T=12, H=36, W=36, seed=SEED)
     dataset = unlabeled_dataset(tmp_path / "clips", clip_len=CLIP[2], size=CLIP[3], mean=(0, 0, 0), std=(1, 1, 1))
     teacher = _classifier()
@@ -141,8 +144,8 @@ def test_finetune_distils_a_converted_classifier_on_unlabeled_videos(tmp_path: P
             return float((model.eval()(probe).softmax(1) - teacher(probe).softmax(1)).abs().mean())
 
     start = gap(student)
-    config = FinetuneConfig(cycles=3, batch_size=2, lr=0.05, device="cpu", bn_recal_batches=0, plot=False,
-                            seed=SEED, weight_decay=0.0)
+    config = FinetuneConfig(cycles=3, batch_size=2, lr=0.05, device="cpu", bn_recal_batches=bn_recal_batches,
+                            plot=False, seed=SEED, weight_decay=0.0, amp=amp)
     finetune(student, dataset, None, config, loss_fn=DistillationLoss(teacher))
     assert gap(student) < 0.5 * start, (start, gap(student))
     after = teacher.state_dict()
