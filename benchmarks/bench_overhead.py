@@ -58,8 +58,8 @@ def variants_for(shape: tuple[int, ...], device: str) -> tuple[dict[str, Callabl
         "DecomposedConv3d auto (plan: fused)": lambda: planned(x),
         "DecomposedConv3d auto (cost model)": lambda: costed(x),
     }
-    with torch.no_grad():
-        assert torch.allclose(fused(x), conv(x), atol=1e-5)
+    with torch.no_grad():  # same weight values, same kernels (TF32 on CUDA is why the tolerance is loose)
+        assert torch.allclose(fused(x), conv(x), atol=1e-5 if device == "cpu" else 1e-3)
     resolved = {"auto (plan)": planned.form_for(x), "auto (cost model)": costed.form_for(x)}
     return variants, x, resolved
 
