@@ -122,8 +122,8 @@ DEVICE_COSTS = {
     # there — every factorised form 2–15× slower than dense, temporal_first 1.4–3.6×, factorized 1.8–15× —
     # which this profile reproduces (temporal_first 1.3–1.9×, spatial_first 3.0–5.5×, sandwich 5.6–11×,
     # factorized 5.5–16× at atoms 3×6 / 2×4, batch 1–32): cuDNN's depthwise (grouped) conv3d runs ~200× below
-    # its dense rate, and each extra conv costs a launch. No r3d_18 layer is predicted faster than 0.75× fused, and the
-    # wider guard (0.5) keeps fused unless a measured plan says otherwise. Refit on a lent GPU with
+    # its dense rate, and each extra conv costs a launch. No r3d_18 layer is predicted faster than 0.75× fused,
+    # and the wider guard (0.5) keeps fused unless a measured plan says otherwise. Refit on a lent GPU with
     # benchmarks/gpu_check.sh (bench_inference.py --calibrate --device cuda).
     "cuda": DeviceCosts(3.0e13, 1.5e11, 3.0e12, 4.0e-5, 1.0e12, 0.5),
 }
