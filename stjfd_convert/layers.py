@@ -21,6 +21,7 @@ only when the plan changes), and one ``F.conv3d`` with padding arguments worked 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Sequence
 
@@ -135,6 +136,13 @@ def default_atoms(length: int, taps: int, temporal: int | None = None, spatial: 
         elif temporal_free:
             m_t = length - 1
     return m_t, m_s
+
+
+def _autocast_off(device_type: str) -> Any:
+    """A region without autocast on ``device_type`` (a no-op where autocast does not exist, e.g. meta)."""
+    if device_type in ("cpu", "cuda"):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class DecomposedConv3d(nn.Module):
@@ -431,7 +439,7 @@ class DecomposedConv3d(nn.Module):
         # Built in the parameters' dtype even under autocast: the cache outlives the autocast region (a
         # bf16 W cached while training under --amp broke the fp32 evaluation after it); autocast still
         # casts it for the conv inside the region.
-        with torch.no_grad(), torch.autocast(self.coefficients.device.type, enabled=False):
+        with torch.no_grad(), _autocast_off(self.coefficients.device.type):
             value = build()
         self._derived_cache[slot] = (key, value)
         return value
@@ -472,7 +480,7 @@ class DecomposedConv3d(nn.Module):
         slot = "fused/True" if torch.is_inference_mode_enabled() else "fused/False"
         cached = self._derived_cache.get(slot)
         if cached is None or cached[0] != key:
-            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):  # see _derived
+            with torch.no_grad(), _autocast_off(x.device.type):  # see _derived
                 cached = (key, self.weight)
             self._derived_cache[slot] = cached
         g = self.geometry

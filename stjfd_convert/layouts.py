@@ -63,24 +63,23 @@ def axis_of(layout: str, name: str) -> int:
     return check_input_layout(layout).index(letters[name])
 
 
+def _reorder(shape: InputShape, source: str, target: str) -> InputShape:
+    """Every pathway of ``shape`` (axes in ``source`` order) with its axes in ``target`` order."""
+    shape = normalize_input_shape(shape)
+    if source == target:
+        return shape
+    _check_rank(shape, source)
+    return map_pathways(shape, lambda one: tuple(one[source.index(letter)] for letter in target))
+
+
 def to_bcthw(shape: InputShape, layout: str) -> InputShape:
     """A model-layout shape (every pathway) as ``(B, C, T, H, W)``."""
-    layout = check_input_layout(layout)
-    shape = normalize_input_shape(shape)
-    if layout == DEFAULT_LAYOUT:
-        return shape
-    _check_rank(shape, layout)
-    return map_pathways(shape, lambda one: tuple(one[layout.index(letter)] for letter in DEFAULT_LAYOUT))
+    return _reorder(shape, check_input_layout(layout), DEFAULT_LAYOUT)
 
 
 def from_bcthw(shape: InputShape, layout: str) -> InputShape:
     """A ``(B, C, T, H, W)`` shape (every pathway) in the model's ``layout``."""
-    layout = check_input_layout(layout)
-    shape = normalize_input_shape(shape)
-    if layout == DEFAULT_LAYOUT:
-        return shape
-    _check_rank(shape, DEFAULT_LAYOUT)
-    return map_pathways(shape, lambda one: tuple(one[DEFAULT_LAYOUT.index(letter)] for letter in layout))
+    return _reorder(shape, DEFAULT_LAYOUT, check_input_layout(layout))
 
 
 def _check_rank(shape: InputShape, layout: str) -> None:
