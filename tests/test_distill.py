@@ -196,6 +196,10 @@ def test_cli_distils_on_unlabeled_videos_and_resume_gives_the_same_result(
     config = json.loads((whole / "config.json").read_text())
     assert config["distill"]["loss"] == "auto" and config["data"]["unlabeled"] is True
     assert config["distill"]["teacher"].endswith(".safetensors")  # `source`: the checkpoint it was converted from
+    # No class folders: the run keeps the class names the converted folder records, so evaluate matches them.
+    from stjfd_convert.sample import SAMPLE_CLASSES
+
+    assert load_converted(whole / "last").manifest["finetune"]["classes"] == list(SAMPLE_CLASSES)
     # An interrupted copy: stop after its first stage (a callback asks to stop), then resume.
     from stjfd_convert.finetune import TrainingInterrupted, finetune_paths, resume
     from stjfd_convert.finetune.events import BatchEnd

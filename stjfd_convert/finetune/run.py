@@ -231,6 +231,11 @@ def _load_any_model(
         info: dict[str, Any] = {"source": str(source), "kind": "converted"}
         if strides:
             info.update(pathway_strides=list(strides), input_container=container)
+        finetuned = loaded.manifest.get("finetune")
+        recorded_classes = (finetuned.get("classes") if isinstance(finetuned, dict) else None) or loaded.manifest.get(
+            "classes")  # a run's checkpoint, or a converted folder stjfd knows the classes of
+        if isinstance(recorded_classes, list) and recorded_classes:
+            info["classes"] = [str(name) for name in recorded_classes]
         return loaded.model, loaded.spec, info
     if source.is_dir():
         raise ConfigError(
@@ -377,6 +382,8 @@ def finetune_paths(
     note = None
     if classes:  # a distillation run on unlabeled clips keeps the model's own head
         spec, note = adapt_classifier(net, spec, len(classes), seed=config.seed)
+    elif source_info.get("classes"):
+        classes = source_info["classes"]  # ... and the class names its folder records (evaluate matches by them)
     info = {"data": data, "model": {**source_info, "spec": spec.to_dict()}, "command": command,
             **({"distill": teacher_info} if teacher_info else {})}
     result = finetune(
