@@ -1,6 +1,6 @@
 """Recovering a converted model's accuracy without labels (issue #12): plain vs ``--calibrate`` vs ``--distill``.
 
-    python benchmarks/bench_recovery.py [--models sample,event] [--calibrate auto|on|off] [--work DIR]
+    python benchmarks/bench_recovery.py [--models sample,event] [--calibrate on|off] [--work DIR]
         [--json out.json] [--threads 2] [--tiny]  (and the tuning options below, defaults = the chosen settings)
 
 Two models, every step through the real command line (``python -m stjfd_convert …`` in a subprocess, each
@@ -21,7 +21,7 @@ timed: wall seconds, and the CPU seconds the process used, user + system):
   generator's ground truth.
 
 Arms: **plain** ``stjfd convert``; **calibrate** ``stjfd convert … --calibrate DISTILL_DIR`` (data-aware
-atoms; run when ``stjfd convert --help`` offers ``--calibrate``, or forced/skipped by ``--calibrate``);
+atoms, BatchNorm re-estimated on the same unlabeled clips; skipped with ``--calibrate off``);
 **distill** ``stjfd finetune PLAIN DISTILL_DIR --unlabeled --distill source`` (no labels; the distillation
 clips are not the evaluated ones; both stages at the native clip size, ``-s 1 -r 1``: with the stages'
 downsampling the sample model stalled at 97.9 % and the event model at F1 0.59). The distill arm's time is the fine-tuning command alone (its starting
@@ -99,10 +99,6 @@ class Cli:
         if done.returncode != 0:
             raise RuntimeError(f"`stjfd {' '.join(argv[3:])}` failed ({done.returncode}):\n{done.stderr[-3000:]}")
         return (json.loads(done.stdout) if json_out else done.stdout), wall, cpu
-
-    def help_mentions(self, command: str, flag: str) -> bool:
-        return flag in self(command, "--help", json_out=False)[0]
-
 
 # --------------------------------------------------------------------------------------------
 # Data
@@ -223,11 +219,10 @@ def run_event(cli: Cli, work: Path, args: argparse.Namespace, calibrate: bool) -
     distill_dir = write_event_videos(work / "distill_clips", args.distill_clips, split_seed(SEED, "event-distill"))
     heldout = write_event_videos(work / "heldout", args.heldout_clips, split_seed(SEED, "event-heldout"))
     clip, size = event_model.CLIP_LEN, event_model.SIZE
-    model = ["--model", EVENT_MODEL, "--input-shape", f"1,{clip},{size},{size},3", "--input-dtype", "uint8"]
-    if cli.help_mentions("convert", "--input-layout"):
-        model += ["--input-layout", "BTHWC"]
+    model = ["--model", EVENT_MODEL, "--input-shape", f"1,{clip},{size},{size},3", "--input-dtype", "uint8",
+             "--input-layout", "BTHWC"]
     layout = ["--input-layout", "BTHWC", "--input-dtype", "uint8"]
-    compare_layout = layout if cli.help_mentions("compare", "--input-layout") else []
+    compare_layout = layout
     atoms = ["--atoms", args.event_atoms, "--temporal-atoms", args.event_temporal_atoms]
 
     def row(arm: str, folder: Path | None, wall: float | None, cpu: float | None) -> dict[str, Any]:
@@ -289,10 +284,9 @@ def markdown_table(results: dict[str, Any]) -> str:
         arms = {row["arm"]: row for row in model["rows"]}
         for arm in ("original", "plain", "calibrate", "distill"):
             row = arms.get(arm)
-            if row is None:  # the calibrate arm: not in this stjfd yet (pending), or --calibrate off (skipped)
-                status = "skipped" if results["calibrate"]["available"] else "pending"
-                event = status if name == "event" else "—"
-                lines.append(f"| {name} | {arm} | {status} | {status} | {event} | {event} | — | — |")
+            if row is None:  # the calibrate arm with --calibrate off
+                event = "skipped" if name == "event" else "—"
+                lines.append(f"| {name} | {arm} | skipped | skipped | {event} | {event} | — | — |")
                 continue
             lines.append(
                 f"| {name} | {arm} | {_fmt(row['top1'])} | {_fmt(row['agreement'])} | "
@@ -322,8 +316,7 @@ def check_targets(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="sample,event", help="comma-separated: sample, event")
-    parser.add_argument("--calibrate", choices=("auto", "on", "off"), default="auto",
-                        help="the --calibrate arm: auto = when `stjfd convert --help` offers it")
+    parser.add_argument("--calibrate", choices=("on", "off"), default="on", help="run the --calibrate arm")
     parser.add_argument("--work", type=Path, help="keep every file here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of every command")
@@ -361,15 +354,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_recovery_"))
     work.mkdir(parents=True, exist_ok=True)
     cli = Cli(args.threads, work / "commands.log")
-    available = cli.help_mentions("convert", "--calibrate")
-    calibrate = available if args.calibrate == "auto" else args.calibrate == "on"
+    calibrate = args.calibrate == "on"
     results: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
                     "load_average_start": os.getloadavg()},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "calibrate": {"available": available, "run": calibrate},
+        "calibrate": {"run": calibrate},
         "targets": {"accuracy_tolerance": ACCURACY_TOLERANCE, "event_f1": EVENT_F1_TARGET, "wall_s": WALL_LIMIT_S},
         "models": {},
     }
@@ -402,8 +394,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               + (f"; calibrate beats plain: {targets['calibrate_beats_plain']}" if "calibrate_beats_plain" in targets
                  else ""))
     if not results["calibrate"]["run"]:
-        print("calibrate arm: pending (`stjfd convert --help` offers no --calibrate)" if not
-              results["calibrate"]["available"] else "calibrate arm: skipped (--calibrate off)")
+        print("calibrate arm: skipped (--calibrate off)")
     return results
 
 
