@@ -247,7 +247,9 @@ def _plain_twin(
         twin = DecomposedConv3d.from_decomposition(convs[name], plain, mode=layer.mode)
         plain_layers[id(layer)] = twin
         kernels[name] = {"calibrated": layer.to_conv3d().weight.detach(), "plain": twin.to_conv3d().weight.detach()}
-    by_name = {name: plain_layers[id(layer)] for name, layer in decomposed_layers(converted) if id(layer) in plain_layers}
+    by_name = {
+        name: plain_layers[id(layer)] for name, layer in decomposed_layers(converted) if id(layer) in plain_layers
+    }
     plain_model = replace_modules(copy.deepcopy(converted), lambda name, _: by_name.get(name))
     originals = dict(model.named_modules())
     for name, module in plain_model.named_modules():
@@ -342,7 +344,9 @@ def clip_geometry(
     one = shapes[0]
     axes = CLIP_LAYOUTS[layout]
     if len(one) != 5:
-        raise ConfigError(f"--calibrate needs a 5-D clip batch shape, got {list(one)}", "e.g. --input-shape 1,3,16,112,112")
+        raise ConfigError(
+            f"--calibrate needs a 5-D clip batch shape, got {list(one)}", "e.g. --input-shape 1,3,16,112,112"
+        )
     dims = dict(zip(axes, one[1:]))
     if dims["C"] != 3:
         guess = next((name for name, order in CLIP_LAYOUTS.items() if dict(zip(order, one[1:]))["C"] == 3), None)
@@ -385,7 +389,9 @@ class CalibrationClips:
 
         for clips, _ in DataLoader(self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=0):
             clips = clips.flatten(0, 1) if self.per_video > 1 else clips
-            yield split_pathways(clips, self.strides, container=self.container, time_axis=self.time_axis) if self.strides else clips
+            if self.strides:
+                clips = split_pathways(clips, self.strides, container=self.container, time_axis=self.time_axis)
+            yield clips
 
 
 def calibration_clips(
@@ -425,4 +431,13 @@ def calibration_clips(
     return CalibrationClips(dataset, clips, batch_size, pathway_strides, container)
 
 
-__all__ = ["POSITIONS", "CalibrationClips", "calibrate_model", "calibration_clips", "clip_geometry", "gather_statistics", "measure_output_errors", "sample_patches"]
+__all__ = [
+    "POSITIONS",
+    "CalibrationClips",
+    "calibrate_model",
+    "calibration_clips",
+    "clip_geometry",
+    "gather_statistics",
+    "measure_output_errors",
+    "sample_patches",
+]

@@ -178,7 +178,9 @@ def _calibrated(
         folder, shape, layout=layout, dtype=dtype, clips=clips, mean=mean, std=std, pathway_strides=strides,
         container=container,
     )
-    converted, report = calibrate_model(original, batches, config, progress=calibration_progress, layer_progress=progress)
+    converted, report = calibrate_model(
+        original, batches, config, progress=calibration_progress, layer_progress=progress
+    )
     report.calibration = {
         **(report.calibration or {}),
         "folder": str(Path(folder).resolve()),
