@@ -91,7 +91,8 @@ def convert_checkpoint(
     inputs = [*([checkpoint] if checkpoint is not None else []), *model_source_paths(model)]
     if save:
         target = Path(output) if output is not None else default_output_dir(checkpoint, arch or model)
-        check_output(target, "converted", force=overwrite, inputs=inputs)
+        # The calibration videos are a dataset: the output may not replace or sit inside them.
+        check_output(target, "converted", force=overwrite, inputs=inputs, datasets=[calibrate] if calibrate else [])
     loaded = load_model(
         checkpoint, arch=arch, model=model, model_kwargs=model_kwargs, trust_pickle=trust_pickle, strict=strict
     )

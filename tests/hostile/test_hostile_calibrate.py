@@ -32,3 +32,10 @@ def test_bad_calibration_options_are_refused_and_write_nothing(
     shape = TINY_INPUT_SHAPE
     refused(tmp_path, ["convert", tiny.checkpoint, "--model", tiny.model_arg, "--input-shape", shape, *resolved,
                        "-o", tmp_path / "out"], *fragments)
+
+
+def test_output_inside_the_calibration_videos_is_refused(tmp_path: Path) -> None:
+    tiny = write_tiny(tmp_path / "tiny")
+    make_video_dataset(tmp_path / "clips", per_class=1, T=8, H=16, W=16)
+    refused(tmp_path, ["convert", tiny.checkpoint, "--model", tiny.model_arg, "--input-shape", TINY_INPUT_SHAPE,
+                       "--calibrate", tmp_path / "clips", "-o", tmp_path / "clips" / "conv"], "clips")
