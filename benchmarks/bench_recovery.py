@@ -166,6 +166,14 @@ def _output(result: dict[str, Any], name_part: str) -> dict[str, Any]:
     return next(o for o in result["outputs"] if name_part in o["name"])
 
 
+def _conversion_arms(calibrate: bool, clips_dir: Path, clips: int) -> list[tuple[str, list[Any]]]:
+    """The convert arms: plain, and with --calibrate on the distillation clips (no labels either way)."""
+    arms: list[tuple[str, list[Any]]] = [("plain", [])]
+    if calibrate:
+        arms.append(("calibrate", ["--calibrate", clips_dir, "--calibrate-clips", clips]))
+    return arms
+
+
 def run_sample(cli: Cli, work: Path, args: argparse.Namespace, calibrate: bool) -> list[dict[str, Any]]:
     weights = sample_model_files().weights
     distill_dir = write_sample_videos(work / "distill_clips", args.distill_clips, split_seed(SEED, "recovery-distill"),
@@ -189,9 +197,7 @@ def run_sample(cli: Cli, work: Path, args: argparse.Namespace, calibrate: bool) 
     cli("convert", weights, *model, "--full-rank", "-o", work / "full_rank")
     rows.append({"arm": "original", "top1": evaluate(work / "full_rank"), "agreement": 1.0, "wall_s": None,
                  "cpu_s": None})
-    arms = [("plain", [])]
-    if calibrate:
-        arms.append(("calibrate", ["--calibrate", distill_dir, "--calibrate-clips", args.calibrate_clips]))
+    arms = _conversion_arms(calibrate, distill_dir, args.calibrate_clips)
     for arm, extra in arms:
         folder = work / arm
         _, wall, cpu = cli("convert", weights, *model, *atoms, *extra, "-o", folder)
@@ -246,9 +252,7 @@ def run_event(cli: Cli, work: Path, args: argparse.Namespace, calibrate: bool) -
         return record
 
     rows = [row("original", None, None, None) | {"train_wall_s": train_wall, "train_cpu_s": train_cpu}]
-    arms = [("plain", [])]
-    if calibrate:
-        arms.append(("calibrate", ["--calibrate", distill_dir, "--calibrate-clips", args.calibrate_clips]))
+    arms = _conversion_arms(calibrate, distill_dir, args.calibrate_clips)
     for arm, extra in arms:
         folder = work / arm
         _, wall, cpu = cli("convert", checkpoint, *model, *atoms, *extra, "-o", folder)
