@@ -28,6 +28,7 @@ from .convert import ConversionReport, ProgressCallback, convert_model, decompos
 from .errors import ConfigError
 from .functional.calibrated import LayerStatistics
 from .functional.decompose import decompose
+from .inputs import move_input
 from .layouts import CLIP_LAYOUTS
 
 POSITIONS = 512  # output positions sampled per layer per batch
@@ -106,14 +107,6 @@ def _hooks(modules: Iterable[tuple[nn.Module, Callable[..., Any]]], kind: str = 
             handle.remove()
 
 
-def _move(batch: Any, device: str | torch.device) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.to(device)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_move(b, device) for b in batch)
-    return batch
-
-
 def _batches_total(batches: Iterable[Any]) -> int:
     try:
         return len(batches)  # type: ignore[arg-type]
@@ -166,7 +159,7 @@ def gather_statistics(
     try:
         with _hooks([(conv, hook_for(name, conv)) for name, conv in layers]):
             for done, batch in enumerate(batches, start=1):
-                model(_move(batch, device))
+                model(move_input(batch, device))
                 if progress is not None:
                     progress("statistics", done, total)
     finally:
@@ -213,7 +206,7 @@ def measure_output_errors(
     try:
         with _hooks([(convs[name], hook_for(name, convs[name])) for name in kernels]):
             for done, batch in enumerate(batches, start=1):
-                batch = _move(batch, device)
+                batch = move_input(batch, device)
                 output = model(batch)
                 if after is not None:
                     after(batch, output)

@@ -151,6 +151,13 @@ def pack(tensors: Sequence[Tensor], *, multi: bool, container: str = "list") -> 
     return tuple(tensors) if container == "tuple" else list(tensors)
 
 
+def move_input(x: Any, device: Any, non_blocking: bool = False) -> Any:
+    """A model input (a tensor, or a list/tuple of pathway tensors) on ``device``."""
+    if isinstance(x, (list, tuple)):
+        return type(x)(move_input(t, device, non_blocking) for t in x)
+    return x.to(device, non_blocking=non_blocking) if hasattr(x, "to") else x
+
+
 def fresh(x: Any) -> Any:
     """A new container around the same tensors, so a model that assigns into its input list changes nothing."""
     if isinstance(x, list):

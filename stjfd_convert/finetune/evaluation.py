@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from ..config import check_device
 from ..errors import ConfigError
-from ..inputs import attach_pathway_split, recorded_input
+from ..inputs import attach_pathway_split, move_input, recorded_input
 from .checkpoint import _pretrained_normalization
 from .config import FinetuneConfig
 from .distributed import _amp_settings, _autocast, _current_dist, _Dist, _resolve_device, _ShardSampler
@@ -64,10 +64,7 @@ def recalibrate_batchnorm(
             m.train()
         with torch.no_grad(), _autocast(device, autocast_dtype):
             for clips in batches:
-                # A multi-pathway batch is a list/tuple of tensors (calibration feeds those too).
-                inputs = (clips.to(device, non_blocking=True) if isinstance(clips, Tensor)
-                          else type(clips)(c.to(device, non_blocking=True) for c in clips))
-                model(inputs)
+                model(move_input(clips, device, non_blocking=True))  # a tensor, or one per pathway
                 count += 1
                 if progress is not None:
                     progress(count)
