@@ -79,17 +79,22 @@ SEED = 0
 
 
 class Cli:
-    """``python -m stjfd_convert ARGS`` with a fixed thread count; each call timed (wall and CPU seconds)."""
+    """``python -m stjfd_convert ARGS`` with a fixed thread count; each call timed (wall and CPU seconds).
+
+    Runs in ``log``'s folder, not the caller's: ``python -m`` puts the working directory first on
+    ``sys.path``, so from a source checkout it would import the checkout's ``stjfd_convert`` (which has
+    no ``sample_models`` inside it) instead of the installed package the bench found the sample model in.
+    """
 
     def __init__(self, threads: int, log: Path) -> None:
         self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        self.log = log
+        self.log = log.resolve()
 
     def __call__(self, *args: object, json_out: bool = True) -> tuple[Any, float, float]:
         argv = [sys.executable, "-m", "stjfd_convert", *(str(a) for a in args)] + (["--json"] if json_out else [])
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
-        done = subprocess.run(argv, capture_output=True, text=True, env=self.env)
+        done = subprocess.run(argv, capture_output=True, text=True, env=self.env, cwd=self.log.parent)
         wall = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -355,7 +360,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     unknown = set(models) - {"sample", "event"}
     if unknown:
         raise SystemExit(f"unknown --models {sorted(unknown)}: use sample, event")
-    work = args.work or Path(tempfile.mkdtemp(prefix="bench_recovery_"))
+    work = (args.work or Path(tempfile.mkdtemp(prefix="bench_recovery_"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
     cli = Cli(args.threads, work / "commands.log")
     calibrate = args.calibrate == "on"
