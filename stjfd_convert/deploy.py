@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Mapping, Sequence
 
+import torch
 from torch import nn
 
 from .convert import decomposed_layers
@@ -27,6 +28,7 @@ def deploy(
     *,
     input_shape: InputShape | Sequence[int] | None = None,
     container: str = "list",
+    input_dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """A copy of ``model`` (converted) whose decomposed layers are plain modules; ``model`` is untouched.
 
@@ -34,7 +36,8 @@ def deploy(
     ExecutionPlan` or a ``{layer name: form}`` mapping); with ``input_shape`` [B, C, T, H, W] (or one per
     pathway), the layer's own fixed mode, or for ``auto`` its stored plan for that shape, else the cost
     model (as ``stjfd export --mode auto`` chooses); without either, fixed modes, and fused for ``auto``
-    layers (whose choice depends on the input they will see). Returned in eval mode.
+    layers (whose choice depends on the input they will see). ``input_dtype``: the model input's
+    (``torch.uint8`` for a model fed raw frames), used to trace ``input_shape``. Returned in eval mode.
     """
     work = copy.deepcopy(model).eval()
     layers = dict(decomposed_layers(work))
@@ -49,7 +52,7 @@ def deploy(
             raise ConfigError(f"unknown execution forms in the plan: {', '.join(bad)}", f"use {', '.join(FORMS)}")
     elif input_shape is not None:
         fixed = {name: layer.mode for name, layer in layers.items() if layer.mode != "auto"}
-        forms, _ = resolve_forms(work, "auto", input_shape, None, container)
+        forms, _ = resolve_forms(work, "auto", input_shape, None, container, input_dtype=input_dtype)
         forms.update(fixed)
     else:
         forms = {name: ("fused" if layer.mode == "auto" else layer.mode) for name, layer in layers.items()}

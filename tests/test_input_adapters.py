@@ -33,7 +33,7 @@ from torch import nn
 
 
 class Frames(nn.Module):
-    """Raw uint8 frames [B, T, H, W, 3] in, class logits out."""
+    """Raw uint8 frames [B, T, H, W, 3] in (nothing else: every command must feed it those), class logits out."""
 
     def __init__(self):
         super().__init__()
@@ -43,6 +43,8 @@ class Frames(nn.Module):
         self.head = nn.Linear(6, 3)
 
     def forward(self, frames):
+        if frames.dtype != torch.uint8 or frames.shape[-1] != 3:
+            raise TypeError(f"Frames takes uint8 [B, T, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
         x = frames.permute(0, 4, 1, 2, 3).float() / 255
         return self.head(self.body(x).mean(dim=(2, 3, 4)))
 
@@ -182,6 +184,25 @@ def test_export_layout_given_on_a_folder_that_records_none(toy: dict[str, Path],
     outcome = run_cli(["predict", onnx, toy["video"], "--size", "24x40", "--resize-mode", "stretch", "--json"])
     assert outcome.exit_code == 0, outcome.output
     assert json.loads(outcome.stdout)["input_shape"] == [1, T, 24, 40, 3]
+
+
+def test_forms_are_planned_on_the_raw_frames_the_model_takes(toy: dict[str, Path], tmp_path: Path) -> None:
+    """``export --mode auto --measure`` and ``deploy(input_shape=…)`` trace the layers by running the model, which
+    refuses anything but uint8 frames: they must feed it those."""
+    from stjfd_convert import deploy
+
+    onnx = tmp_path / "measured.onnx"
+    outcome = run_cli(["export", toy["conv"], "--onnx", onnx, "--trust-code", "--mode", "auto", "--measure",
+                       "--measure-repeats", 1, "--clips", 1, "--runs", 0, "--json"])
+    assert outcome.exit_code == 0, outcome.output
+    data = json.loads(outcome.stdout)
+    assert data["validation"]["passed"] and "measured in onnxruntime" in data["plan_source"]
+
+    model = load_converted(toy["conv"], trust_code=True).model.eval()
+    deployed = deploy(model, input_shape=SHAPE_BTHWC, input_dtype=torch.uint8)
+    frames = torch.randint(0, 256, SHAPE_BTHWC, generator=torch.Generator().manual_seed(SEED), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(frames), model(frames), atol=ATOL_FP32, rtol=0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -190,14 +190,16 @@ def _choose_forms(
     """Set (in place) the form of every decomposed layer of ``work``: measured in onnxruntime now
     (``measure``; stored in a converted folder's manifest), else :func:`resolve_forms`."""
     if not (options.measure and _decomposed_layers(work)):
-        forms, plan_source = resolve_forms(work, options.mode, shape, source.manifest, source.container)
+        forms, plan_source = resolve_forms(
+            work, options.mode, shape, source.manifest, source.container, input_dtype=options.torch_dtype
+        )
         return _ChosenForms(forms, plan_source)
     from ..planner import apply_plan, save_plan
 
     began = time.perf_counter()
     plan = plan_onnxruntime(
-        work, shape, container=source.container, repeats=options.measure_repeats, threads=options.threads,
-        opset=options.opset,
+        work, shape, container=source.container, input_dtype=options.torch_dtype, repeats=options.measure_repeats,
+        threads=options.threads, opset=options.opset,
         progress=lambda i, n, name: step(f"measured layer {i}/{n} ({name}) in onnxruntime"),
     )
     seconds = time.perf_counter() - began

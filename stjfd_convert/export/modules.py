@@ -177,8 +177,12 @@ def resolve_forms(
     input_shape: InputShape | Sequence[int],
     manifest: Mapping[str, Any] | None = None,
     container: str = "list",
+    input_dtype: torch.dtype = torch.float32,
 ) -> tuple[dict[str, str], str]:
     """Set (in place) each DecomposedConv3d of ``model`` to a concrete form; returns the forms and their source.
+
+    ``input_dtype`` is the model input's (``torch.uint8`` for raw frames): the layers' shapes are traced
+    by running the model on such an input.
 
     ``auto``, first match wins: a plan stored in the manifest for ``input_shape`` in float32 (one
     measured in onnxruntime by :func:`plan_onnxruntime` first, then CPU plans, measured preferred);
@@ -212,7 +216,7 @@ def resolve_forms(
     from ..planner import apply_plan, layer_plan_key, plan_model, trace_layer_inputs
 
     # Plans held by the layers themselves (apply_plan(..., mode="auto") in memory), if they cover this input.
-    shapes = trace_layer_inputs(model, input_shape, container=container)
+    shapes = trace_layer_inputs(model, input_shape, input_dtype, container=container)
     held = {
         name: layer.plan.get(layer_plan_key(shapes[name], ORT_DEVICE, torch.float32))
         or layer.plan.get(layer_plan_key(shapes[name], "cpu", torch.float32))
@@ -224,7 +228,7 @@ def resolve_forms(
             layers[name].mode = form  # type: ignore[assignment]
         return _concrete_forms(layers), "the layers' own execution plan"
 
-    plan = plan_model(model, input_shape, measure=False, container=container)
+    plan = plan_model(model, input_shape, measure=False, container=container, input_dtype=input_dtype)
     apply_plan(model, plan, mode="fixed")
     return _concrete_forms(layers), "cost model (no stored plan for this shape)"
 

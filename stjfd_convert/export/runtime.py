@@ -192,6 +192,7 @@ def plan_onnxruntime(
     input_shape: InputShape | Sequence[int],
     *,
     container: str = "list",
+    input_dtype: torch.dtype = torch.float32,
     forms: Sequence[str] = FORMS,
     repeats: int = DEFAULT_PLAN_REPEATS,
     warmup: int = 1,
@@ -203,7 +204,8 @@ def plan_onnxruntime(
     """An :class:`~stjfd_convert.planner.ExecutionPlan` measured in onnxruntime (device :data:`ORT_DEVICE`).
 
     For every DecomposedConv3d and the input shape it sees for a model input of ``input_shape``
-    (``planner.trace_layer_inputs``), each form of that one layer is exported (:func:`export_module`,
+    (``planner.trace_layer_inputs``; ``input_dtype``: the model input's, ``torch.uint8`` for raw frames;
+    the layers themselves see the float activations the model makes of it), each form of that one layer is exported (:func:`export_module`,
     the module a full export would use) to an in-memory ONNX model and loaded into a CPU session
     with the options :func:`ort_session` uses for latency (``threads``). ``timer`` times the forms
     (the default, :func:`_time_sessions`: round-robin, fastest run of ``repeats`` rounds after
@@ -230,7 +232,7 @@ def plan_onnxruntime(
     _import_onnx()
     _import_ort()
     forms = tuple(dict.fromkeys(("fused", *forms)))
-    shapes = trace_layer_inputs(model, input_shape, container=container)
+    shapes = trace_layer_inputs(model, input_shape, input_dtype, container=container)
     layers = _decomposed_layers(model)
     choices = []
     for index, (name, shape) in enumerate(shapes.items(), start=1):
