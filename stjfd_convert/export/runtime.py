@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, first_line
-from ..layers import FORMS
 from ..inputs import InputShape, input_tensors, make_model_input, normalize_input_shape
+from ..layers import FORMS
 from ..parity import make_input
 from .base import (
     DEFAULT_OPSET,
