@@ -23,8 +23,8 @@ from .atomic import atomic_file
 from .errors import ConfigError
 from .functional.conv import ConvGeometry
 from .functional.cost import FORMS, DeviceCosts, cheapest_form, cost_features, form_cost, predict_seconds
-from .layers import DecomposedConv3d
 from .inputs import InputShape, input_shape_to_json, make_model_input, meta_input, normalize_input_shape
+from .layers import DecomposedConv3d
 from .parity import run_model
 from .saved_model import MANIFEST_FILE, read_manifest
 

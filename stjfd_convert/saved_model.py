@@ -19,10 +19,10 @@ from torch import nn
 
 from . import __version__
 from .atomic import atomic_directory, give_default_mode
+from .convert import replace_modules
 from .errors import ArchitectureError, ConfigError, ConvertedModelError, StjfdError
 from .formats import CONVERTED_FORMAT, MANIFEST_FILE, PICKLE_FILE, WEIGHTS_FILE
 from .inputs import InputShape, input_record
-from .convert import replace_modules
 from .layers import DecomposedConv3d
 from .models import ArchSpec, build_model, is_trusted_builder
 

@@ -19,6 +19,7 @@ except ImportError:  # pragma: no cover - depends on the installed typer
 from ..errors import StjfdError, first_line
 from . import render
 
+
 class _OneLineUsageError(_click_exceptions.UsageError):
     """A usage error (unknown option, bad value, missing argument) shown as the house's one line."""
 

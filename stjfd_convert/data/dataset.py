@@ -18,7 +18,13 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError
 from .decode import (
-    _decode_video, _probe, _read_errors, _read_frame_folder, _resize_frames, describe_read_error, temporal_indices,
+    _decode_video,
+    _probe,
+    _read_errors,
+    _read_frame_folder,
+    _resize_frames,
+    describe_read_error,
+    temporal_indices,
 )
 from .options import ClipConfig, DataError
 from .sources import VideoSource

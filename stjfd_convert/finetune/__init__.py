@@ -71,6 +71,7 @@ from __future__ import annotations
 
 from .checkpoint import ResumeError, TrainingInterrupted, load_training_state, read_run_config, stopped_at_once
 from .config import FinetuneConfig
+from .distill import DISTILL_LOSSES, DistillationLoss
 from .distributed import ShardedShuffleSampler
 from .evaluation import evaluate, evaluate_folder, recalibrate_batchnorm
 from .events import (
@@ -84,7 +85,6 @@ from .events import (
     StageEnd,
     StageStarted,
 )
-from .distill import DISTILL_LOSSES, DistillationLoss
 from .losses import ClassificationLoss, LossContext, LossFn, LossOutput, NonFiniteLossError
 from .metrics import plot_training_curve, read_metrics
 from .results import EvalResult, FinetuneResult, StageSummary

@@ -21,7 +21,6 @@ from ..errors import StjfdError, first_line
 from ..formats import CONFIG_FILE, LAST_DIR, RUN_FORMAT, STATE_FILE
 from ..models import ArchSpec
 
-
 STATE_FORMAT = "stjfd-training-state"
 
 STATE_VERSION = 1

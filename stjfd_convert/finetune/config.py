@@ -9,7 +9,6 @@ from typing import Any
 
 from ..errors import ConfigError
 
-
 SCHEDULES = ("alternating", "joint")
 
 OPTIMIZERS = ("sgd", "adamw")

@@ -17,8 +17,8 @@ from ..config import check_device
 from ..data.dataset import check_clip_fits
 from ..data.options import check_resize_mode
 from ..errors import ConfigError
-from ..inputs import attach_pathway_split, recorded_input
 from ..formats import CONFIG_FILE, LAST_DIR
+from ..inputs import attach_pathway_split, recorded_input
 from ..models import ArchSpec, is_trusted_builder
 from .checkpoint import ResumeError, _pretrained_normalization, load_training_state, read_run_config
 from .config import FinetuneConfig

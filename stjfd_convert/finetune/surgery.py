@@ -13,7 +13,6 @@ from ..errors import ConfigError, StjfdError
 from ..models import ArchSpec
 from .config import FinetuneConfig
 
-
 # Seed offset for a classifier head that has to be re-created for a new number of classes.
 HEAD_SEED_OFFSET = 7919
 

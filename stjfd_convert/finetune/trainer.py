@@ -22,7 +22,13 @@ from ..models import ArchSpec
 from ..parity import flatten_outputs
 from ..stages import disable_activation_checkpointing, enable_activation_checkpointing
 from .checkpoint import (
-    TrainingInterrupted, _Position, _rng_state, _seed_everything, _set_rng_state, _SignalFlag, stopped_at_once,
+    TrainingInterrupted,
+    _Position,
+    _rng_state,
+    _seed_everything,
+    _set_rng_state,
+    _SignalFlag,
+    stopped_at_once,
 )
 from .config import FinetuneConfig
 from .distributed import (

@@ -17,8 +17,8 @@ from torch import nn
 
 from ..errors import MODEL_INPUT_ERRORS, ConfigError
 from ..functional.conv import ConvGeometry
-from ..inputs import InputShape, meta_input, normalize_input_shape, resize_input
 from ..functional.cost import form_cost
+from ..inputs import InputShape, meta_input, normalize_input_shape, resize_input
 from ..layers import FORMS, DecomposedConv3d
 from ..parity import model_input_error
 

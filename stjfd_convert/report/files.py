@@ -8,8 +8,8 @@ from pathlib import Path
 
 from .. import __version__
 from ..atomic import atomic_file
-from ..formats import MARKDOWN_TITLE, PNG_SOFTWARE
 from ..errors import OutputError
+from ..formats import MARKDOWN_TITLE, PNG_SOFTWARE
 from ..layers import FORMS
 from .accounting import DTYPE_BYTES, MIB
 from .core import MemoryReport
