@@ -178,6 +178,14 @@ class ClipLayoutHook:
         return (adapted, *args[1:])
 
 
+def hooked_input_dtype(model: nn.Module) -> str | None:
+    """The dtype (``float32`` | ``uint8``) a :class:`ClipLayoutHook` on ``model`` hands it, or None without one."""
+    for hook in getattr(model, "_forward_pre_hooks", {}).values():
+        if isinstance(hook, ClipLayoutHook):
+            return hook.dtype
+    return None
+
+
 def attach_layout_hook(model: nn.Module, layout: str, dtype: str = "float32") -> Any:
     """Register :class:`ClipLayoutHook` on ``model`` (returns its handle), or None when the model takes
     float BCTHW clips and needs none."""

@@ -213,6 +213,17 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(check_device(device))
 
 
+def _clip_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the clip to measure ``model`` on: uint8 where a :class:`~stjfd_convert.layouts.ClipLayoutHook`
+    hands the model raw frames (the clip then holds one byte per value, as the model's real input does), else
+    the model's floating dtype."""
+    from .layouts import hooked_input_dtype
+
+    if hooked_input_dtype(model) == "uint8":
+        return torch.uint8
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def _make_clip(shape: InputShape, device: torch.device, dtype: torch.dtype, container: str = "list") -> Any:
     """The model input (one clip, or one per pathway) on ``device``: empty on meta, seeded N(0,1) elsewhere."""
     if device.type == "meta":
@@ -258,8 +269,7 @@ def measure_training_step(
     adapted = enable_stage_safe_pooling(work) if stage != "joint" else set()
     blocks = enable_activation_checkpointing(work) if checkpointing else 0
     opt = _make_optimizer(optimizer, trainable)
-    dtype = next((p.dtype for p in work.parameters() if p.is_floating_point()), torch.float32)
-    clip = _make_clip(shape, device, dtype, container)
+    clip = _make_clip(shape, device, _clip_dtype(work), container)
     loss_fn = loss_fn or default_loss
     params = list(work.parameters())
     buffers = [b for b in work.buffers()]
@@ -428,8 +438,7 @@ def measure_inference_peak(
     device = _resolve_device(device)
     shape = normalize_input_shape(input_shape)
     work = copy.deepcopy(model).to(device).eval()
-    dtype = next((p.dtype for p in work.parameters() if p.is_floating_point()), torch.float32)
-    clip = _make_clip(shape, device, dtype, container)
+    clip = _make_clip(shape, device, _clip_dtype(work), container)
     excluded = {storage_key(t) for t in [*work.parameters(), *work.buffers(), *input_tensors(clip)]}
     tracker = _LiveTensors(excluded, baseline=_input_bytes(clip))
     try:

@@ -128,6 +128,9 @@ def test_report_downsamples_time_height_and_width_of_a_channels_last_clip(toy: d
     assert clips["temporal"] == [1, 3, T, H // 2, W // 2]  # frames shrunk, every frame kept
     assert clips["spatial"] == [1, 3, T // 2, H, W]  # every 2nd frame, full frames
     assert any("BTHWC uint8" in note for note in data["notes"])
+    # The clip is measured as the raw frames it is: one byte per value.
+    for side in ("original", "converted"):
+        assert data["inference"][side]["input_bytes"] == 3 * T * H * W
     # Given explicitly on a folder that records nothing, the same report.
     outcome = run_cli(["report", toy["plain"], "--trust-code", "--steps", 1, "--device", "cpu", "--no-training",
                        "--input-layout", "BTHWC", "--json"])
