@@ -326,6 +326,38 @@ def test_finetune_records_stretch_and_no_normalize_for_evaluate(toy: dict[str, P
     assert outcome.exit_code == 0, outcome.output
 
 
+def test_finetune_no_flip_never_mirrors_training_clips(toy: dict[str, Path], tmp_path: Path) -> None:
+    """``--no-flip`` is recorded in the run, so the training clips it (and a resume) builds are never mirrored:
+    green rises left→right in every clip. The same data with flipping on mirrors some of them."""
+    from stjfd_convert.finetune.run import _build_data
+
+    data = tmp_path / "data"
+    for label in ("a", "b", "c"):  # the toy predicts three classes
+        for index in range(2):
+            write_video(data / label / f"v{index}.mp4", indexed_frames(12, H + 4, W + 4))
+    run = tmp_path / "run"
+    outcome = run_cli(["finetune", toy["conv"], data, "--model", toy["model"], "--clip-len", T, "--size", f"{H}x{W}",
+                       "--no-flip", "--val-split", "0.5", "--batch-size", 2, "--workers", 0, "--device", "cpu",
+                       "--bn-recal-batches", 0, "--no-plot", "-o", run, "--json"])
+    assert outcome.exit_code == 0, outcome.output
+    recorded = json.loads((run / "config.json").read_text())["data"]
+    assert recorded["flip"] is False
+
+    def mirrored(record: dict) -> set[bool]:
+        train, _, _ = _build_data(record, None, SEED, None)
+        seen = set()
+        for epoch in range(4):
+            train.set_epoch(epoch)
+            for index in range(len(train)):
+                green = train[index][0][0, 0, :, 1].int()  # THWC uint8: first frame, top row, green
+                seen.add(bool(green[0] > green[-1]))
+        return seen
+
+    assert mirrored(recorded) == {False}
+    assert mirrored({**recorded, "flip": True}) == {True, False}
+    assert_one_error_line(run_cli(["finetune", run, "--resume", "--no-flip", "--trust-code"]), "--no-flip", "resum")
+
+
 def test_bad_adapter_values_on_a_folder_are_one_line(toy: dict[str, Path], tmp_path: Path) -> None:
     assert_one_error_line(run_cli(["plan", toy["conv"], "--input-layout", "BHWTC"]), "--input-layout", "BTHWC")
     assert_one_error_line(run_cli(["report", toy["conv"], "--input-dtype", "int16"]), "--input-dtype", "uint8")

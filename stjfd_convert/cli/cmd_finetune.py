@@ -320,6 +320,9 @@ def finetune(
     input_dtype: InputDtypeOption = None,
     resize_mode: ResizeModeOption = None,
     no_normalize: NoNormalizeOption = False,
+    no_flip: bool = typer.Option(
+        False, "--no-flip", help="never mirror training clips (actions or events where left and right differ)"
+    ),
     unlabeled: bool = typer.Option(
         False, "--unlabeled", help="every video under DATA_ROOT, no class folders, no labels (use with --distill)"
     ),
@@ -362,7 +365,7 @@ def finetune(
     try:
         if resume:
             clip_flags = {"input_layout": input_layout, "input_dtype": input_dtype, "resize_mode": resize_mode,
-                          "no_normalize": no_normalize or None}
+                          "no_normalize": no_normalize or None, "no_flip": no_flip or None}
             if given or any(v is not None for v in clip_flags.values()):
                 named = [*given, *(k for k, v in clip_flags.items() if v is not None)]
                 flags = ", ".join("--" + k.replace("_", "-") for k in sorted(named))
@@ -399,7 +402,7 @@ def finetune(
                     command=command_line(), unlabeled=unlabeled, distill=distill, distill_loss=distill_loss,
                     distill_weight=distill_weight, layout=clip_layout(input_layout) if input_layout else None,
                     dtype=input_dtype, resize_mode=check_resize_mode(resize_mode) or "crop",
-                    normalize=not no_normalize,
+                    normalize=not no_normalize, flip=not no_flip,
                     callbacks=[view], progress=view.indexing,
                 )
     except ft.TrainingInterrupted as exc:

@@ -185,7 +185,7 @@ def _build_data(
     root = Path(root_override) if root_override is not None else Path(data["root"])
     size = data["size"]
     tensors = {"layout": str(data.get("layout") or "CTHW"), "dtype": str(data.get("dtype") or "float32"),
-               "resize_mode": str(data.get("resize_mode") or "crop")}
+               "resize_mode": str(data.get("resize_mode") or "crop"), "flip": data.get("flip", True) is not False}
     if data.get("unlabeled"):
         # Every video under the root, no classes, no validation split: a distillation run.
         train = unlabeled_dataset(
@@ -300,6 +300,7 @@ def finetune_paths(
     dtype: str | None = None,
     resize_mode: str = "crop",
     normalize: bool = True,
+    flip: bool = True,
 ) -> FinetuneResult:
     """Load a converted-model folder (or a checkpoint: a plain model), build the datasets, fine-tune.
 
@@ -312,7 +313,8 @@ def finetune_paths(
     normalised | ``uint8`` raw 0–255) make the clips what the model takes; the stages downsample them alike.
     Both default to what a converted folder's manifest records (``input.layout``, ``input.dtype``), else
     ``CTHW`` / ``float32``. ``resize_mode="stretch"`` resizes whole frames to ``size`` (no crop);
-    ``normalize=False`` scales float frames to 0..1 without any mean/std.
+    ``normalize=False`` scales float frames to 0..1 without any mean/std. ``flip=False``: training clips are
+    never mirrored (for actions or events where left and right differ).
 
     Everything that can be wrong with the input is checked before the run folder ``output`` is created.
     The classifier is re-created when the model predicts another number of classes than the dataset has.
@@ -374,6 +376,7 @@ def finetune_paths(
         **({"dtype": dtype} if dtype != "float32" else {}),
         **({"resize_mode": resize_mode} if resize_mode != "crop" else {}),
         **({"normalize": False} if not normalize else {}),
+        **({"flip": False} if not flip else {}),
     }
     train_ds, val_ds, classes = _build_data(data, None, config.seed, progress)
     for dataset in (train_ds, val_ds):
