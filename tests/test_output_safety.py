@@ -389,7 +389,9 @@ def test_sigterm_to_the_process_group_saves_and_resumes_exactly(converted: Path,
 
     def stjfd(*argv: str | Path, **kwargs) -> subprocess.Popen:
         # Every run in its own process with the same environment (thread count): bit-identical arithmetic.
-        return subprocess.Popen([sys.executable, "-m", "stjfd_convert", *map(str, argv)], env=_env(),
+        # From tmp_path: `python -m` imports from the working directory first, and the repository root holds a
+        # source tree that is not the installed package under test.
+        return subprocess.Popen([sys.executable, "-m", "stjfd_convert", *map(str, argv)], env=_env(), cwd=tmp_path,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 
     whole = tmp_path / "whole"
