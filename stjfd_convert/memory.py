@@ -225,7 +225,8 @@ def _clip_dtype(model: nn.Module) -> torch.dtype:
 
 
 def _make_clip(shape: InputShape, device: torch.device, dtype: torch.dtype, container: str = "list") -> Any:
-    """The model input (one clip, or one per pathway) on ``device``: empty on meta, seeded N(0,1) elsewhere."""
+    """The model input (one clip, or one per pathway) on ``device``: empty on meta, elsewhere seeded N(0,1)
+    (float) or 0..255 (uint8)."""
     if device.type == "meta":
         return meta_input(shape, dtype, container)
     return make_model_input(shape, dtype, seed=INPUT_SEED, container=container, device=device)
