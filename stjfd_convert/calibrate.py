@@ -274,11 +274,13 @@ def calibrate_model(
     """Convert ``model`` with atoms and coefficients fitted to each layer's output on ``batches``.
 
     Then, with ``batchnorm``, every BatchNorm's running statistics are re-estimated on ``batches``
-    (the converted layers shift the activations BatchNorm normalises). ``batches`` must be iterable
-    again for each pass (a list of input batches, a DataLoader or :class:`CalibrationClips`).
-    With ``measure``, the report's decomposed rows carry ``output_error`` and ``plain_rel_error`` /
-    ``plain_output_error`` (the weight-fitted decomposition at the same atoms), and
-    ``report.calibration`` the whole model's relative output error, calibrated and plain, on ``batches``.
+    (the converted layers shift the activations BatchNorm normalises; not at full rank, which shifts
+    nothing). ``batches`` must be iterable again for each pass (a list of input batches, a DataLoader or
+    :class:`CalibrationClips`). With ``measure``, the report's decomposed rows carry ``output_error`` and
+    ``plain_rel_error`` / ``plain_output_error`` (the weight-fitted decomposition at the same atoms), and
+    ``report.calibration`` the whole model's relative output error, calibrated and plain, on ``batches``;
+    re-estimated BatchNorm statistics are then kept only if they lower that error (the original's were
+    estimated on other data, or never: ``report.calibration["batchnorm_rejected"]`` says what they gave).
     ``model`` is left unchanged.
     """
     from .finetune.evaluation import recalibrate_batchnorm
@@ -288,21 +290,28 @@ def calibrate_model(
     statistics = gather_statistics(model, batches, positions=positions, seed=seed, device=device, progress=progress)
     converted, report = convert_model(model, config, progress=layer_progress, statistics=statistics)
     report.calibration = {"positions": positions, "layers": len(statistics), "batches": _batches_total(batches)}
-    if batchnorm:
+    exact = config.policy == "full_rank"
+    measure = measure and not exact
+    # The converted model with the original's BatchNorm statistics, to measure against re-estimated ones.
+    original_statistics = copy.deepcopy(converted) if batchnorm and measure else None
+    if batchnorm and not exact:
         total = _batches_total(batches)
         report.calibration["batchnorm"] = recalibrate_batchnorm(
             converted, batches, device=device,
             progress=(lambda done: progress("batchnorm", done, total)) if progress is not None else None,
         )
-    if not measure or config.policy == "full_rank":
+    if not measure:
         return converted, report
     plain_model, kernels = _plain_twin(model, converted, report, config.method)
-    sums = {"calibrated": 0.0, "plain": 0.0, "norm": 0.0}
+    arms = {"calibrated": converted, "plain": plain_model}
+    if original_statistics is not None:
+        arms["original_statistics"] = original_statistics
+    sums = dict.fromkeys([*arms, "norm"], 0.0)
 
     def compare_models(batch: Any, reference: Any) -> None:
         expected = _flat_outputs(reference)
         sums["norm"] += float(expected.square().sum())
-        for label, net in (("calibrated", converted), ("plain", plain_model)):
+        for label, net in arms.items():
             sums[label] += float((_flat_outputs(net(batch)) - expected).square().sum())
 
     errors = measure_output_errors(model, kernels, batches, device=device, progress=progress, after=compare_models)
@@ -311,8 +320,15 @@ def calibrate_model(
         rows[name].output_error = values["calibrated"]
         rows[name].plain_output_error = values["plain"]
     if sums["norm"] > 0:
-        report.calibration["model_output_error"] = (sums["calibrated"] / sums["norm"]) ** 0.5
-        report.calibration["plain_model_output_error"] = (sums["plain"] / sums["norm"]) ** 0.5
+        error = {label: (sums[label] / sums["norm"]) ** 0.5 for label in arms}
+        if original_statistics is not None and error["original_statistics"] < error["calibrated"]:
+            # Re-estimating moved the model away from the original: keep the statistics it came with.
+            report.calibration["batchnorm_rejected"] = {
+                "batches": report.calibration.pop("batchnorm", 0), "model_output_error": error["calibrated"]
+            }
+            converted, error["calibrated"] = original_statistics, error["original_statistics"]
+        report.calibration["model_output_error"] = error["calibrated"]
+        report.calibration["plain_model_output_error"] = error["plain"]
     return converted, report
 
 

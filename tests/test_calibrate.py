@@ -15,6 +15,7 @@ from cli_helpers import TINY_INPUT_SHAPE, run_cli, write_tiny
 from videos import make_video_dataset
 
 from stjfd_convert.calibrate import calibrate_model, calibration_clips, gather_statistics, sample_patches
+from stjfd_convert.cli.render import calibration_line
 from stjfd_convert.config import ConvertConfig
 from stjfd_convert.convert import convert_model
 from stjfd_convert.functional.calibrated import LayerStatistics, calibrated_decompose
@@ -125,6 +126,25 @@ def test_calibrate_model_beats_plain_on_layers_and_outputs_and_leaves_the_model_
     exact, _ = calibrate_model(model, batches, ConvertConfig(full_rank=True), batchnorm=False)
     with torch.no_grad():
         assert torch.allclose(exact(held_out), reference, atol=ATOL_FP32)
+
+
+def test_batchnorm_statistics_are_kept_when_re_estimating_them_moves_away_from_the_original() -> None:
+    """An original whose BatchNorm statistics were never estimated on this data (here: never at all) is matched
+    worse after re-estimating them on the calibration clips: those are then dropped, and the report says so."""
+    model = _patch_net()  # default running statistics: mean 0, variance 1
+    batches = list(_correlated_clips(12).split(4))
+    config = ConvertConfig(temporal_atoms=1, spatial_atoms=2)
+    converted, report = calibrate_model(model, batches, config)
+    rejected = report.calibration["batchnorm_rejected"]
+    assert "batchnorm" not in report.calibration and rejected["batches"] == len(batches)
+    assert report.calibration["model_output_error"] < rejected["model_output_error"]
+    assert report.calibration["model_output_error"] < report.calibration["plain_model_output_error"]
+    for name, module in converted.named_modules():
+        if isinstance(module, nn.BatchNorm3d):
+            original = dict(model.named_modules())[name]
+            assert torch.equal(module.running_mean, original.running_mean)
+            assert torch.equal(module.running_var, original.running_var)
+    assert "BatchNorm statistics kept" in calibration_line(report)
 
 
 def test_statistics_count_every_sampled_patch_and_ignore_pointwise_convs() -> None:

@@ -232,6 +232,9 @@ def calibration_line(report: ConversionReport) -> str | None:
                  f"(plain {info['plain_model_output_error']:.3f})")
     if info.get("batchnorm"):
         text += "; BatchNorm statistics re-estimated"
+    elif info.get("batchnorm_rejected"):
+        text += (f"; BatchNorm statistics kept as they were (re-estimated on these clips, model output error "
+                 f"{info['batchnorm_rejected']['model_output_error']:.3f})")
     return text
 
 
