@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -95,11 +96,8 @@ def _statistics_layers(model: nn.Module, names: Iterable[str] | None) -> list[tu
 
 
 @contextlib.contextmanager
-def _hooks(modules: Iterable[tuple[nn.Module, Callable[..., Any]]], kind: str = "pre") -> Iterator[None]:
-    handles = [
-        module.register_forward_pre_hook(hook) if kind == "pre" else module.register_forward_hook(hook)
-        for module, hook in modules
-    ]
+def _hooks(modules: Iterable[tuple[nn.Module, Callable[..., Any]]]) -> Iterator[None]:
+    handles = [module.register_forward_pre_hook(hook) for module, hook in modules]
     try:
         yield
     finally:
@@ -239,7 +237,7 @@ def _plain_twin(
         row.plain_rel_error = plain.rel_error
         twin = DecomposedConv3d.from_decomposition(convs[name], plain, mode=layer.mode)
         plain_layers[id(layer)] = twin
-        kernels[name] = {"calibrated": layer.to_conv3d().weight.detach(), "plain": twin.to_conv3d().weight.detach()}
+        kernels[name] = {"calibrated": layer.weight.detach(), "plain": twin.weight.detach()}
     by_name = {
         name: plain_layers[id(layer)] for name, layer in decomposed_layers(converted) if id(layer) in plain_layers
     }
@@ -281,7 +279,7 @@ def calibrate_model(
     ``report.calibration`` the whole model's relative output error, calibrated and plain, on ``batches``;
     re-estimated BatchNorm statistics are then kept only if they lower that error (the original's were
     estimated on other data, or never: ``report.calibration["batchnorm_rejected"]`` says what they gave).
-    ``model`` is left unchanged.
+    ``model`` is moved to ``device`` and otherwise left unchanged.
     """
     from .finetune.evaluation import recalibrate_batchnorm
 
@@ -289,13 +287,13 @@ def calibrate_model(
     model = model.to(device)
     statistics = gather_statistics(model, batches, positions=positions, seed=seed, device=device, progress=progress)
     converted, report = convert_model(model, config, progress=layer_progress, statistics=statistics)
-    report.calibration = {"positions": positions, "layers": len(statistics), "batches": _batches_total(batches)}
+    total = _batches_total(batches)
+    report.calibration = {"positions": positions, "layers": len(statistics), "batches": total}
     exact = config.policy == "full_rank"
     measure = measure and not exact
     # The converted model with the original's BatchNorm statistics, to measure against re-estimated ones.
     original_statistics = copy.deepcopy(converted) if batchnorm and measure else None
     if batchnorm and not exact:
-        total = _batches_total(batches)
         report.calibration["batchnorm"] = recalibrate_batchnorm(
             converted, batches, device=device,
             progress=(lambda done: progress("batchnorm", done, total)) if progress is not None else None,
@@ -432,11 +430,8 @@ def calibration_clips(
         dtype=dtype,
     )
     videos = len(dataset)
-    if videos < clips:
-        dataset = unlabeled_dataset(
-            folder, clip_len=clip_len, size=size, train=False, mean=mean, std=std, layout=CLIP_LAYOUTS[layout],
-            dtype=dtype, clips_per_video=-(-clips // videos),
-        )
+    if videos < clips:  # several clips from each video (the folder is read and probed once)
+        dataset.config = dataclasses.replace(dataset.config, clips_per_video=-(-clips // videos))
     return CalibrationClips(dataset, clips, batch_size, pathway_strides, container)
 
 

@@ -430,6 +430,10 @@ class DecomposedConv3d(nn.Module):
             # Recompute in backward instead of keeping the dense intermediates (A·Φᵀ, …): training
             # then saves only the derived weight the conv itself needs, as a dense layer would.
             return checkpoint(build, use_reentrant=False)
+        return self._cached(name, build)
+
+    def _cached(self, name: str, build) -> Tensor:
+        """``build()`` without autograd, kept until the parameters change (keyed by their versions)."""
         key = self._derived_key()
         # Inference-mode tensors may not be used where autograd records, so they get their own slot.
         slot = f"{name}/{torch.is_inference_mode_enabled()}"
@@ -476,13 +480,7 @@ class DecomposedConv3d(nn.Module):
 
     def _fused_eval(self, x: Tensor) -> Tensor:
         """Fused conv without an autograd graph to the parameters: the cached W, one ``F.conv3d``."""
-        key = self._derived_key()
-        slot = "fused/True" if torch.is_inference_mode_enabled() else "fused/False"
-        cached = self._derived_cache.get(slot)
-        if cached is None or cached[0] != key:
-            with torch.no_grad(), _autocast_off(x.device.type):  # see _derived
-                cached = (key, self.weight)
-            self._derived_cache[slot] = cached
+        weight = self._cached("fused", lambda: self.weight)
         g = self.geometry
         padding = self._fused_padding
         if padding is None or padding[0] is not g:
@@ -490,7 +488,7 @@ class DecomposedConv3d(nn.Module):
             padding = self._fused_padding = (g, explicit if need_pad else None, pad_mode(g), conv_pad)
         if padding[1] is not None:
             x = F.pad(x, padding[1], mode=padding[2])
-        return F.conv3d(x, cached[1], self._parameters.get("bias"), g.stride, padding[3], g.dilation, g.groups)
+        return F.conv3d(x, weight, self._parameters.get("bias"), g.stride, padding[3], g.dilation, g.groups)
 
     def forward(self, x: Tensor) -> Tensor:
         """[B, c_in, T, H, W] → [B, c_out, T', H', W'] with the current ``mode``."""

@@ -25,7 +25,6 @@ CLIP_LAYOUTS = {"BCTHW": "CTHW", "BTHWC": "THWC", "BTCHW": "TCHW"}
 INPUT_DTYPES = ("float32", "uint8")
 #: ONNX metadata's names of the layouts (``stjfd.layout``; N for the batch, as ONNX writes it).
 ONNX_LAYOUTS = {"BCTHW": "NCTHW", "BTHWC": "NTHWC", "BTCHW": "NTCHW"}
-AXIS_NAMES = {"B": "batch", "C": "channels", "T": "time", "H": "height", "W": "width"}
 
 _LAYOUT_HINT = "use BCTHW (torchvision), BTHWC (frames, RGB last) or BTCHW"
 
@@ -55,12 +54,6 @@ def check_input_dtype(value: str, flag: str = "--input-dtype") -> str:
 def clip_layout(layout: str) -> str:
     """The per-clip layout of a batched one: ``BTHWC`` → ``THWC``."""
     return CLIP_LAYOUTS[check_input_layout(layout)]
-
-
-def axis_of(layout: str, name: str) -> int:
-    """Position of axis ``name`` (batch, channels, time, height, width) in a batched ``layout``."""
-    letters = {v: k for k, v in AXIS_NAMES.items()}
-    return check_input_layout(layout).index(letters[name])
 
 
 def _reorder(shape: InputShape, source: str, target: str) -> InputShape:

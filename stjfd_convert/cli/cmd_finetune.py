@@ -58,11 +58,6 @@ def _mib(value: int | None) -> str:
     return "—" if value is None else f"{value / MIB:,.1f} MiB"
 
 
-def _parse_size(text: str) -> int | tuple[int, int]:
-    """``--size`` (kept for the commands that import it from here; :func:`options.parse_size` is the parser)."""
-    return parse_size(text)  # type: ignore[return-value]
-
-
 def _parse_triple(name: str, text: str | None) -> tuple[float, float, float] | None:
     if text is None:
         return None

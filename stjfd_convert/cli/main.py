@@ -12,6 +12,7 @@ from rich.markup import escape
 from ..config import ConvertConfig
 from ..errors import ConfigError
 from ..inputs import check_container
+from ..layouts import check_input_layout
 from . import render
 from .app import app, command_line, guarded
 from .options import (
@@ -25,7 +26,6 @@ from .options import (
     NonStrictOption,
     PathwayStridesOption,
     TrustPickleOption,
-    clip_layout,
     input_shape_value,
 )
 
@@ -120,7 +120,7 @@ def convert(
     )
     kwargs = parse_model_kwargs(model_kwargs)
     shape = input_shape_value(input_shape)
-    layout = _batch_layout(input_layout)
+    layout = check_input_layout(input_layout) if input_layout is not None else None
     if calibrate_clips < 1:
         raise ConfigError(f"--calibrate-clips must be ≥ 1, got {calibrate_clips}", "e.g. --calibrate-clips 32")
     show = not as_json and render.stderr.is_terminal
@@ -148,13 +148,6 @@ def convert(
             calibration_progress=phases,
         )
     _render_convert(result, as_json)
-
-
-def _batch_layout(value: Optional[str]) -> Optional[str]:
-    """``--input-layout`` checked and spelled as a batch layout (BCTHW, BTHWC, BTCHW), or None."""
-    if value is None:
-        return None
-    return "B" + clip_layout(value)
 
 
 @app.command()

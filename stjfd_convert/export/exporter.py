@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..inputs import InputShape, format_input_shape, make_model_input, normalize_input_shape, pathway_shapes
 from ..layouts import ONNX_LAYOUTS
 from ..models import model_source_paths
-from ..parity import check_input_memory, flatten_outputs, run_model
+from ..parity import check_input_memory, flatten_outputs, parse_dtype, run_model
 from .base import (
     DEFAULT_ATOL,
     DEFAULT_CLIPS,
@@ -99,7 +99,7 @@ class _Options:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return torch.uint8 if self.dtype == "uint8" else torch.float32
+        return parse_dtype(self.dtype)
 
     @property
     def needs_onnxruntime(self) -> bool:
