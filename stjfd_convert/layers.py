@@ -14,8 +14,8 @@ All forms give the same result to float rounding (see ``functional/conv.py``). W
 from the parameters (the fused W, the folded A·Ψ / A·Φ) are cached while no gradient is needed
 and rebuilt as soon as a parameter changes, so ``fused`` costs the same as the original conv. Without
 gradients the per-call Python work is kept to what ``nn.Conv3d`` does: a cache check on the
-parameters' version counters and storage, a plan lookup keyed on ``(shape, dtype, device)`` (re-resolved
-only when the plan changes), and one ``F.conv3d`` with padding arguments worked out once
+parameters' version counters and storage, plan lookups by a key cached per ``(shape, dtype, device)``,
+and one ``F.conv3d`` with padding arguments worked out once
 (``benchmarks/bench_overhead.py``).
 """
 
@@ -58,54 +58,6 @@ def plan_key(x: Tensor) -> str:
 
 
 _is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
-
-
-class ExecutionPlanEntries(dict):
-    """A layer's execution plan, ``plan_key(x) → form``: a dict that counts its changes.
-
-    ``mode="auto"`` resolves each input once and reuses the answer while ``version`` is unchanged, so a
-    plan edited in place (``layer.plan[key] = form``, as ``planner.apply_plan`` does) is still followed.
-    """
-
-    version = 0
-
-    def _changed(self) -> None:
-        self.version += 1
-
-    def __setitem__(self, key: str, value: str) -> None:
-        super().__setitem__(key, value)
-        self._changed()
-
-    def __delitem__(self, key: str) -> None:
-        super().__delitem__(key)
-        self._changed()
-
-    def __ior__(self, other: Any) -> "ExecutionPlanEntries":
-        self.update(other)
-        return self
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        super().update(*args, **kwargs)
-        self._changed()
-
-    def setdefault(self, key: str, default: Any = None) -> Any:
-        value = super().setdefault(key, default)
-        self._changed()
-        return value
-
-    def pop(self, *args: Any) -> Any:
-        value = super().pop(*args)
-        self._changed()
-        return value
-
-    def popitem(self) -> tuple[str, str]:
-        item = super().popitem()
-        self._changed()
-        return item
-
-    def clear(self) -> None:
-        super().clear()
-        self._changed()
 
 
 def default_temporal_atoms(length: int) -> int:
@@ -195,7 +147,12 @@ class DecomposedConv3d(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_channels, **factory)) if bias else None
         self.reconstruction_error: float | None = None
         # Execution plan for mode="auto": plan_key(x) → form (filled by planner.apply_plan / the manifest).
-        self.plan = {}
+        self.plan: dict[str, str] = {}
+        # What ``auto`` derives from an input without looking at the plan, so that editing the plan (in place
+        # or by assigning a new one) is followed at once: (shape, dtype, device) → plan_key, and plan_key →
+        # the cost model's form.
+        self._plan_keys: dict[tuple, str] = {}
+        self._auto_choices: dict[str, str] = {}
         self._derived_cache: dict[str, tuple[tuple, Tensor]] = {}
         # (F.pad amounts or None, pad mode, conv padding) of the fused conv, for the geometry they were made for.
         self._fused_padding: tuple[ConvGeometry, list[int] | None, str, tuple[int, int, int]] | None = None
@@ -243,18 +200,6 @@ class DecomposedConv3d(nn.Module):
         if value not in MODES:
             raise ConfigError(f"unknown execution mode {value!r}", f"use one of {', '.join(MODES)}")
         self._mode = value
-
-    @property
-    def plan(self) -> ExecutionPlanEntries:
-        """``plan_key(x) → form`` for ``mode="auto"`` (a dict; edit it in place or assign a new one)."""
-        return self._plan
-
-    @plan.setter
-    def plan(self, value: dict[str, str]) -> None:
-        self._plan = ExecutionPlanEntries(value)
-        # (shape, dtype, device) → form, valid for plan version ``_resolved_version`` only.
-        self._resolved: dict[tuple, str] = {}
-        self._resolved_version = self._plan.version
 
     @property
     def weight(self) -> Tensor:
@@ -454,29 +399,21 @@ class DecomposedConv3d(nn.Module):
             return self._mode
         if _is_compiling():
             # Traced once per input shape: a string key and dict lookups dynamo follows as constants.
-            key = plan_key(x)
-            form = self._plan.get(key)
-            if form is None:
-                batch, _, t, h, w = x.shape
-                form = cheapest_form(
-                    self.geometry, self.num_temporal_atoms, self.num_spatial_atoms, batch, t, h, w, x.device.type
-                )
-            return form
-        plan = self._plan
-        if self._resolved_version != plan.version:
-            self._resolved = {}
-            self._resolved_version = plan.version
+            return self.plan.get(plan_key(x)) or self._cheapest_form(x)
         shape_key = (x.shape, x.dtype, x.device)
-        form = self._resolved.get(shape_key)
+        key = self._plan_keys.get(shape_key)
+        if key is None:
+            key = self._plan_keys[shape_key] = plan_key(x)
+        form = self.plan.get(key) or self._auto_choices.get(key)
         if form is None:
-            form = plan.get(plan_key(x))
-            if form is None:
-                batch, _, t, h, w = x.shape
-                form = cheapest_form(
-                    self.geometry, self.num_temporal_atoms, self.num_spatial_atoms, batch, t, h, w, x.device.type
-                )
-            self._resolved[shape_key] = form
+            form = self._auto_choices[key] = self._cheapest_form(x)
         return form
+
+    def _cheapest_form(self, x: Tensor) -> str:
+        batch, _, t, h, w = x.shape
+        return cheapest_form(
+            self.geometry, self.num_temporal_atoms, self.num_spatial_atoms, batch, t, h, w, x.device.type
+        )
 
     def _fused_eval(self, x: Tensor) -> Tensor:
         """Fused conv without an autograd graph to the parameters: the cached W, one ``F.conv3d``."""
