@@ -99,10 +99,11 @@ def convert_checkpoint(
     original = loaded.model.eval()
     shape = normalize_input_shape(input_shape) if input_shape else default_input_shape(loaded.spec)
     notes = list(loaded.notes)
+    known = _known_classes(loaded.sha256)
     if calibrate is not None:
         converted, report = _calibrated(
             original, config, loaded, calibrate, calibrate_clips, shape, input_layout or "BCTHW", input_dtype,
-            pathway_strides, input_container, normalize, progress, calibration_progress,
+            pathway_strides, input_container, normalize, progress, calibration_progress, known.get("normalization"),
         )
     else:
         converted, report = convert_model(original, config, progress=progress)
@@ -132,7 +133,7 @@ def convert_checkpoint(
                 **report.to_dict(),
                 "parity": parity_result.to_dict() if parity_result else None,
             },
-            extra=_known_classes(loaded.sha256),
+            extra=known,
         )
     return ConvertResult(
         report=report,
@@ -159,22 +160,21 @@ def _calibrated(
     normalize: bool,
     progress: ProgressCallback | None,
     calibration_progress: Any,
+    known_normalization: Mapping[str, Sequence[float]] | None,
 ) -> tuple[nn.Module, ConversionReport]:
     """``convert_model`` with statistics from the videos under ``folder`` (see ``convert_checkpoint``)."""
     from .calibrate import calibrate_model, calibration_clips
-    from .data.options import normalization_for
     from .errors import ConfigError
-    from .models import TORCHVISION_VIDEO_ARCHS
+    from .finetune.checkpoint import _pretrained_normalization
 
     if shape is None:
         raise ConfigError("--calibrate needs the model's input shape", "pass --input-shape, e.g. 1,3,16,112,112")
     mean = std = None
     if normalize and dtype != "uint8":
-        known = _known_classes(loaded.sha256).get("normalization")
-        if known:
-            mean, std = known["mean"], known["std"]
-        elif loaded.spec.kind == "torchvision" and loaded.spec.name in TORCHVISION_VIDEO_ARCHS:
-            mean, std = normalization_for(loaded.spec.name)
+        if known_normalization:
+            mean, std = known_normalization["mean"], known_normalization["std"]
+        else:
+            mean, std = _pretrained_normalization(loaded.spec) or (None, None)
     batches = calibration_clips(
         folder, shape, layout=layout, dtype=dtype, clips=clips, mean=mean, std=std, pathway_strides=strides,
         container=container,
