@@ -30,7 +30,7 @@ from .errors import ConfigError
 from .functional.calibrated import LayerStatistics
 from .functional.decompose import decompose
 from .inputs import move_input
-from .layouts import CLIP_LAYOUTS
+from .layouts import CLIP_LAYOUTS, check_input_layout, clip_layout
 
 POSITIONS = 512  # output positions sampled per layer per batch
 CalibrationProgress = Callable[[str, int, int], None]  # (phase, batches done, batches total or 0)
@@ -337,8 +337,7 @@ def clip_geometry(
     in ``layout``; for several pathways, the full-rate pathway's (``pathway_strides`` required)."""
     from .inputs import is_multi, normalize_input_shape, pathway_shapes
 
-    if layout not in CLIP_LAYOUTS:
-        raise ConfigError(f"unknown --input-layout {layout!r}", "use BCTHW, BTHWC or BTCHW")
+    layout = check_input_layout(layout)
     shape = normalize_input_shape(input_shape)
     shapes = pathway_shapes(shape)
     if is_multi(shape):
@@ -426,7 +425,7 @@ def calibration_clips(
         raise ConfigError(f"--calibrate {folder} is not a folder", "pass a folder holding videos (read recursively)")
     clip_len, size = clip_geometry(input_shape, layout, pathway_strides)
     dataset = unlabeled_dataset(
-        folder, clip_len=clip_len, size=size, train=False, mean=mean, std=std, layout=CLIP_LAYOUTS[layout],
+        folder, clip_len=clip_len, size=size, train=False, mean=mean, std=std, layout=clip_layout(layout),
         dtype=dtype,
     )
     videos = len(dataset)
