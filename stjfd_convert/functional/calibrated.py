@@ -102,13 +102,19 @@ def whitened_kernel(weight: Tensor, stats: LayerStatistics, groups: int = 1) -> 
     Its plain energy (and the energy its truncations keep) approximates the layer's output energy, so the
     rank policies (``--energy``, ``--budget``) can rank on it unchanged.
     """
+    return _whitening(weight, stats, groups)[0]
+
+
+def _whitening(weight: Tensor, stats: LayerStatistics, groups: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(whitened kernel, K, K_t^{-1/2}, K_s^{-1/2}, d)``: :func:`whitened_kernel` and what it is made of."""
     out_c, in_c, length, kh, kw = weight.shape
     w3 = kernel_view(weight)
-    _, k_t, k_s = tap_metric(stats, length, kh * kw)
-    root_t, _ = _sqrt_and_inverse(k_t)
-    root_s, _ = _sqrt_and_inverse(k_s)
-    scale = row_weights(stats, out_c, in_c, groups).sqrt()[:, None, None]
-    return (scale * (root_t @ w3 @ root_s)).reshape(out_c, in_c, length, kh, kw)
+    full, k_t, k_s = tap_metric(stats, length, kh * kw)
+    root_t, inv_t = _sqrt_and_inverse(k_t)
+    root_s, inv_s = _sqrt_and_inverse(k_s)
+    d = row_weights(stats, out_c, in_c, groups)
+    whitened = (d.sqrt()[:, None, None] * (root_t @ w3 @ root_s)).reshape(out_c, in_c, length, kh, kw)
+    return whitened, full, inv_t, inv_s, d
 
 
 def calibrated_decompose(
@@ -129,10 +135,7 @@ def calibrated_decompose(
     out_c, in_c, length, kh, kw = weight.shape
     taps = kh * kw
     w3 = kernel_view(weight)  # [N, L, S]
-    full, k_t, k_s = tap_metric(stats, length, taps)
-    _, inv_t = _sqrt_and_inverse(k_t)
-    _, inv_s = _sqrt_and_inverse(k_s)
-    whitened = whitened_kernel(weight, stats, groups)
+    whitened, full, inv_t, inv_s, d = _whitening(weight, stats, groups)
     fit = decompose(whitened, temporal_atoms, spatial_atoms, method=method)
     temporal = torch.linalg.qr(inv_t @ fit.temporal_atoms.to(torch.float64)).Q  # [L, m_t]
     spatial = torch.linalg.qr(inv_s @ fit.spatial_atoms.to(torch.float64)).Q  # [S, m_s]
@@ -144,7 +147,6 @@ def calibrated_decompose(
     error = rows - coefficients @ basis.t()
     total = float(rows.square().sum())
     weight_error = (float(error.square().sum()) / total) ** 0.5 if total > 0 else 0.0
-    d = row_weights(stats, out_c, in_c, groups)
     output_total = float((d * ((rows @ full) * rows).sum(1)).sum())
     output_error = float((d * ((error @ full) * error).sum(1)).sum())
     modelled = (output_error / output_total) ** 0.5 if output_total > 0 else 0.0
