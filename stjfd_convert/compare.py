@@ -233,13 +233,12 @@ def compare_paths(
     from .finetune.evaluation import _recorded_clip_config
     from .finetune.run import _load_any_model
     from .inputs import attach_pathway_split, recorded_input
-    from .layouts import check_input_dtype, check_input_layout
+    from .layouts import check_given_format
     from .saved_model import is_converted_dir, load_converted
 
     _check_event_options(threshold, tolerance)
     device = check_device(device)
-    layout = check_input_layout(layout) if layout is not None else None
-    dtype = check_input_dtype(dtype) if dtype is not None else None
+    layout, dtype = check_given_format(layout, dtype)
     resize_mode = check_resize_mode(resize_mode) if resize_mode is not None else None
     if not Path(original).exists():
         raise ConfigError(f"{original} does not exist", "pass the original checkpoint (or converted folder)")

@@ -51,6 +51,15 @@ def check_input_dtype(value: str, flag: str = "--input-dtype") -> str:
     return text
 
 
+def check_given_format(layout: str | None, dtype: str | None) -> tuple[str | None, str | None]:
+    """``--input-layout`` and ``--input-dtype`` checked (:func:`check_input_layout`, :func:`check_input_dtype`)
+    where given; None stays None (not given: the caller falls back to what is recorded)."""
+    return (
+        check_input_layout(layout) if layout is not None else None,
+        check_input_dtype(dtype) if dtype is not None else None,
+    )
+
+
 def clip_layout(layout: str) -> str:
     """The per-clip layout of a batched one: ``BTHWC`` → ``THWC``."""
     return CLIP_LAYOUTS[check_input_layout(layout)]
@@ -120,8 +129,7 @@ def folder_input(
     from .inputs import recorded_input
     from .saved_model import read_manifest
 
-    layout = check_input_layout(layout) if layout is not None else None  # bad options first, then the folder
-    dtype = check_input_dtype(dtype) if dtype is not None else None
+    layout, dtype = check_given_format(layout, dtype)  # bad options first, then the folder
     manifest = read_manifest(directory)
     layout, dtype = resolve_input_format(manifest, layout, dtype)
     if input_shape is not None:

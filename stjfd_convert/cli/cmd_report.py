@@ -235,7 +235,7 @@ def report(
 
     from ..atomic import check_output
     from ..layers import MODES, DecomposedConv3d
-    from ..layouts import check_input_dtype, check_input_layout
+    from ..layouts import check_given_format
     from ..models import model_source_paths, parse_model_kwargs
     from ..report import (
         load_report_input,
@@ -246,8 +246,7 @@ def report(
     )
 
     budget = parse_bytes(memory_budget) if memory_budget is not None else None
-    layout = check_input_layout(input_layout) if input_layout is not None else None
-    dtype = check_input_dtype(input_dtype) if input_dtype is not None else None
+    layout, dtype = check_given_format(input_layout, input_dtype)
     shape = input_shape_value(input_shape)
     if shape is not None:
         from ..inputs import check_clip_shapes

@@ -447,10 +447,9 @@ def export_onnx(
         mode=mode, measure=measure, measure_repeats=measure_repeats, opset=opset, dynamic_axes=dynamic_axes,
         fp16=fp16, atol=atol, validate=validate, clips=clips, compare=compare, runs=runs, warmup=warmup, threads=threads,
     )
-    from ..layouts import check_input_dtype, check_input_layout, resolve_input_format
+    from ..layouts import check_given_format, resolve_input_format
 
-    layout = check_input_layout(input_layout) if input_layout is not None else None
-    dtype = check_input_dtype(input_dtype) if input_dtype is not None else None
+    layout, dtype = check_given_format(input_layout, input_dtype)
     sources = [] if isinstance(model_or_dir, nn.Module) else [model_or_dir, *model_source_paths(model)]
     target = check_output(Path(path), "onnx", force=force, inputs=sources)
     # Fail on a missing dependency before any long work.

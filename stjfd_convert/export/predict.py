@@ -98,11 +98,10 @@ def predict(
     if top_k < 1:
         raise ConfigError(f"--top-k must be ≥ 1, got {top_k}", "e.g. --top-k 5")
     from ..data import check_playback_speed, check_resize_mode
-    from ..layouts import check_input_dtype, check_input_layout
+    from ..layouts import check_given_format, check_input_layout
 
     playback_speed = check_playback_speed(playback_speed)
-    layout = check_input_layout(input_layout) if input_layout is not None else None
-    dtype = check_input_dtype(input_dtype) if input_dtype is not None else None
+    layout, dtype = check_given_format(input_layout, input_dtype)
     resize_mode = check_resize_mode(resize_mode) if resize_mode is not None else None
     if not normalize and (mean is not None or std is not None):
         raise ConfigError("--no-normalize and --mean/--std contradict each other", "drop one of them")

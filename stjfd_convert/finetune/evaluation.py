@@ -255,12 +255,11 @@ def evaluate_folder(
     """
     from ..data import ClipDataset, DataError, check_playback_speed, check_resize_mode, find_sources
     from ..data.dataset import check_clip_fits
-    from ..layouts import check_input_dtype, check_input_layout
+    from ..layouts import check_given_format
     from ..saved_model import load_converted
 
     playback_speed = check_playback_speed(playback_speed)
-    layout = check_input_layout(layout) if layout is not None else None
-    dtype = check_input_dtype(dtype) if dtype is not None else None
+    layout, dtype = check_given_format(layout, dtype)
     resize_mode = check_resize_mode(resize_mode) if resize_mode is not None else None
     check_device(device)  # before the model and the data are loaded
     for flag, value, least in (("--clip-len", clip_len, 1), ("--frame-stride", frame_stride, 1),

@@ -401,11 +401,10 @@ def finetune_paths(
 def _clip_format(model_source: str | Path, layout: str | None, dtype: str | None) -> tuple[str, str]:
     """``(per-clip layout, dtype)``: as given, else as the converted folder ``model_source`` records, else
     ``CTHW`` / ``float32``."""
-    from ..layouts import CLIP_LAYOUTS, check_input_dtype, check_input_layout, resolve_input_format
+    from ..layouts import CLIP_LAYOUTS, check_given_format, resolve_input_format
     from ..saved_model import is_converted_dir, read_manifest
 
-    layout = check_input_layout(layout) if layout is not None else None  # bad options first, then the folder
-    dtype = check_input_dtype(dtype) if dtype is not None else None
+    layout, dtype = check_given_format(layout, dtype)  # bad options first, then the folder
     manifest = read_manifest(Path(model_source)) if is_converted_dir(Path(model_source)) else None
     batched, dtype = resolve_input_format(manifest, layout, dtype)
     return CLIP_LAYOUTS[batched], dtype
