@@ -159,10 +159,20 @@ def _errors_cell(calibrated: float | None, plain: float | None) -> str:
     return f"{calibrated:.2e}" if plain is None else f"{calibrated:.2e} ({plain:.2e})"
 
 
+def _layer_cells(layer: Any) -> tuple[str, str, str]:
+    """The first three cells of a Conv3d row: name, kernel and channels, atoms (or why it was skipped)."""
+    kernel = "×".join(str(k) for k in layer.kernel_size)
+    channels = f"{layer.in_channels}→{layer.out_channels}" + (f" g{layer.groups}" if layer.groups > 1 else "")
+    if layer.skipped:
+        atoms = f"[dim]skipped: {escape(layer.skipped)}[/]"
+    else:
+        atoms = f"{layer.temporal_atoms}×{layer.spatial_atoms}"
+    return escape(layer.name), f"{kernel} {channels}", atoms
+
+
 def conversion_table(report: ConversionReport) -> Table:
-    """One row per Conv3d plus a totals row; with calibration, weight and output errors (plain in brackets)."""
-    calibrated = report.calibration is not None
-    if calibrated:
+    """One row per Conv3d; with calibration, weight and output errors (plain decomposition in brackets)."""
+    if report.calibration is not None:
         return _calibrated_table(report)
     table = FitTable(title="Conv3d layers", header_style="bold", show_lines=False)
     table.add_column("layer", no_wrap=True)
@@ -173,18 +183,11 @@ def conversion_table(report: ConversionReport) -> Table:
     table.add_column("rel. error", justify="right")
     table.add_column("runs as")
     for layer in report.layers:
-        kernel = "×".join(str(k) for k in layer.kernel_size)
-        channels = f"{layer.in_channels}→{layer.out_channels}" + (f" g{layer.groups}" if layer.groups > 1 else "")
         if layer.skipped:
-            table.add_row(
-                escape(layer.name), f"{kernel} {channels}", f"[dim]skipped: {escape(layer.skipped)}[/]",
-                _params(layer.params_before), "", "", "dense",
-            )
+            table.add_row(*_layer_cells(layer), _params(layer.params_before), "", "", "dense")
         else:
             table.add_row(
-                escape(layer.name),
-                f"{kernel} {channels}",
-                f"{layer.temporal_atoms}×{layer.spatial_atoms}",
+                *_layer_cells(layer),
                 f"{_params(layer.params_before)} → {_params(layer.params_after)}",
                 f"{layer.ratio:.3f}",
                 f"{layer.rel_error:.2e}" if layer.rel_error is not None else "",
@@ -202,14 +205,11 @@ def _calibrated_table(report: ConversionReport) -> Table:
     table.add_column("weight error", justify="right")
     table.add_column("output error", justify="right")
     for layer in report.layers:
-        kernel = "×".join(str(k) for k in layer.kernel_size)
-        channels = f"{layer.in_channels}→{layer.out_channels}" + (f" g{layer.groups}" if layer.groups > 1 else "")
         if layer.skipped:
-            table.add_row(escape(layer.name), f"{kernel} {channels}", f"[dim]skipped: {escape(layer.skipped)}[/]",
-                          "", "", "")
+            table.add_row(*_layer_cells(layer), "", "", "")
             continue
         table.add_row(
-            escape(layer.name), f"{kernel} {channels}", f"{layer.temporal_atoms}×{layer.spatial_atoms}",
+            *_layer_cells(layer),
             f"{layer.ratio:.3f}", _errors_cell(layer.rel_error, layer.plain_rel_error),
             _errors_cell(layer.output_error, layer.plain_output_error),
         )
