@@ -361,8 +361,8 @@ def finetune(
         if resume:
             clip_flags = {"input_layout": input_layout, "input_dtype": input_dtype, "resize_mode": resize_mode,
                           "no_normalize": no_normalize or None, "no_flip": no_flip or None}
-            if given or any(v is not None for v in clip_flags.values()):
-                named = [*given, *(k for k, v in clip_flags.items() if v is not None)]
+            named = [*given, *(k for k, v in clip_flags.items() if v is not None)]
+            if named:
                 flags = ", ".join("--" + k.replace("_", "-") for k in sorted(named))
                 raise ConfigError(
                     f"{flags} cannot be changed when resuming", "the run keeps the options it started with"
