@@ -179,6 +179,21 @@ def _conversion_arms(calibrate: bool, clips_dir: Path, clips: int) -> list[tuple
     return arms
 
 
+def _calibration(converted: dict[str, Any]) -> dict[str, Any] | None:
+    """What ``convert --json`` says of calibration: the whole model's output error on the calibration clips,
+    calibrated and plain, and whether the re-estimated BatchNorm statistics were kept."""
+    info = converted.get("calibration")
+    if not info:
+        return None
+    return {
+        "model_output_error": info.get("model_output_error"),
+        "plain_model_output_error": info.get("plain_model_output_error"),
+        "batchnorm": ("re-estimated" if info.get("batchnorm")
+                      else "original's" if "batchnorm_rejected" in info else None),
+        "re_estimated_model_output_error": (info.get("batchnorm_rejected") or {}).get("model_output_error"),
+    }
+
+
 def run_sample(cli: Cli, work: Path, args: argparse.Namespace, calibrate: bool) -> list[dict[str, Any]]:
     weights = sample_model_files().weights
     distill_dir = write_sample_videos(work / "distill_clips", args.distill_clips, split_seed(SEED, "recovery-distill"),
@@ -205,9 +220,9 @@ def run_sample(cli: Cli, work: Path, args: argparse.Namespace, calibrate: bool) 
     arms = _conversion_arms(calibrate, distill_dir, args.calibrate_clips)
     for arm, extra in arms:
         folder = work / arm
-        _, wall, cpu = cli("convert", weights, *model, *atoms, *extra, "-o", folder)
+        converted, wall, cpu = cli("convert", weights, *model, *atoms, *extra, "-o", folder)
         rows.append({"arm": arm, "top1": evaluate(folder), "agreement": agreement(folder), "wall_s": wall,
-                     "cpu_s": cpu})
+                     "cpu_s": cpu, "calibration": _calibration(converted)})
     run = work / "distill"
     _, wall, cpu = cli("finetune", work / "plain", distill_dir, "--unlabeled", "--distill", "source",
                        "--clip-len", SAMPLE_CLIP_LEN, "--size", SAMPLE_SIZE, "--mean", "0,0,0", "--std", "1,1,1",
@@ -260,8 +275,8 @@ def run_event(cli: Cli, work: Path, args: argparse.Namespace, calibrate: bool) -
     arms = _conversion_arms(calibrate, distill_dir, args.calibrate_clips)
     for arm, extra in arms:
         folder = work / arm
-        _, wall, cpu = cli("convert", checkpoint, *model, *atoms, *extra, "-o", folder)
-        rows.append(row(arm, folder, wall, cpu))
+        converted, wall, cpu = cli("convert", checkpoint, *model, *atoms, *extra, "-o", folder)
+        rows.append({**row(arm, folder, wall, cpu), "calibration": _calibration(converted)})
     run = work / "distill"
     _, wall, cpu = cli("finetune", work / "plain", distill_dir, "--model", EVENT_MODEL, "--unlabeled", "--distill",
                        "source", *layout, "--clip-len", clip, "--size", size, *_distill_options(args), "-o", run)
@@ -402,6 +417,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{targets['wall_detail']}: {'met' if targets['wall'] else 'MISSED'}"
               + (f"; calibrate beats plain: {targets['calibrate_beats_plain']}" if "calibrate_beats_plain" in targets
                  else ""))
+        for row in model["rows"]:
+            info = row.get("calibration")
+            if info and info["model_output_error"] is not None:
+                rejected = info["re_estimated_model_output_error"]
+                print(f"{name}: calibrated model output error {info['model_output_error']:.4f} "
+                      f"(plain {info['plain_model_output_error']:.4f}) on the calibration clips, BatchNorm statistics: "
+                      f"{info['batchnorm']}" + (f" (re-estimated: {rejected:.4f})" if rejected is not None else ""))
     if not results["calibrate"]["run"]:
         print("calibrate arm: skipped (--calibrate off)")
     return results
