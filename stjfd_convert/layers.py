@@ -417,7 +417,16 @@ class DecomposedConv3d(nn.Module):
 
     def _fused_eval(self, x: Tensor) -> Tensor:
         """Fused conv without an autograd graph to the parameters: the cached W, one ``F.conv3d``."""
-        weight = self._cached("fused", lambda: self.weight)
+        # The cache of _cached, inlined: this is the per-call path of every eval forward, and the closure and
+        # slot string _cached takes cost 1–2 µs a call (benchmarks/bench_overhead.py), as much as the rest.
+        key = self._derived_key()
+        slot = "fused/True" if torch.is_inference_mode_enabled() else "fused/False"
+        cached = self._derived_cache.get(slot)
+        if cached is None or cached[0] != key:
+            with torch.no_grad(), _autocast_off(x.device.type):  # see _cached
+                cached = (key, self.weight)
+            self._derived_cache[slot] = cached
+        weight = cached[1]
         g = self.geometry
         padding = self._fused_padding
         if padding is None or padding[0] is not g:
