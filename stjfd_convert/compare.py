@@ -77,10 +77,12 @@ class ComparisonResult:
     threshold: float = 0.5
     tolerance: int = 1
     seconds: float = 0.0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (video, why) left out: unreadable
 
     def to_dict(self) -> dict[str, Any]:
         return {"clips": self.clips, "threshold": self.threshold, "tolerance": self.tolerance,
-                "seconds": self.seconds, "outputs": [o.to_dict() for o in self.outputs]}
+                "seconds": self.seconds, "outputs": [o.to_dict() for o in self.outputs],
+                "skipped": [{"path": path, "reason": reason} for path, reason in self.skipped]}
 
 
 def onsets(active: Tensor) -> list[int]:
@@ -266,5 +268,7 @@ def compare_paths(
     for net in (teacher, student.model):
         attach_pathway_split(net, strides, container)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    return compare_on_clips(teacher, student.model, loader, threshold=threshold, tolerance=tolerance, device=device,
-                            progress=progress)
+    result = compare_on_clips(teacher, student.model, loader, threshold=threshold, tolerance=tolerance, device=device,
+                              progress=progress)
+    result.skipped = [(str(path), reason) for path, reason in dataset.skipped]
+    return result

@@ -300,6 +300,27 @@ def test_cli_compare_runs_before_and_after_distillation(small_sample: dict[str, 
                           "not a converted-model folder")
 
 
+def test_cli_compare_names_the_videos_it_could_not_read(small_sample: dict[str, Path], tmp_path: Path) -> None:
+    """An unreadable video among the held-out clips is left out and named (JSON and text), not silently dropped."""
+    import json
+    import shutil
+
+    from cli_helpers import run_cli
+    from stjfd_convert.sample import sample_model_files
+
+    held = tmp_path / "held"
+    shutil.copytree(small_sample["clips"], held)
+    (held / "broken.mp4").write_bytes(b"not a video")
+    original = sample_model_files().weights
+    outcome = run_cli(["compare", original, small_sample["small"], held, "--json"])
+    assert outcome.exit_code == 0, outcome.output
+    data = json.loads(outcome.stdout)
+    assert data["clips"] == 9
+    assert [Path(entry["path"]).name for entry in data["skipped"]] == ["broken.mp4"] and data["skipped"][0]["reason"]
+    text = run_cli(["compare", original, small_sample["small"], held])
+    assert text.exit_code == 0 and "skipped" in text.stdout and "broken.mp4" in text.stdout
+
+
 # --------------------------------------------------------------------------------------------
 # A model nobody here wrote: uint8 frames [B, T, H, W, 3] in, (logits, {"aux": per-frame sigmoid}) out
 # --------------------------------------------------------------------------------------------

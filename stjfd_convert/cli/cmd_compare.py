@@ -49,6 +49,8 @@ def _render(result: Any) -> None:
         f"[dim]events: onsets of p ≥ {result.threshold} matched within ±{result.tolerance} frames; "
         f"{result.seconds:.1f} s[/]"
     )
+    for path, reason in result.skipped:
+        render.stdout.print(f"[yellow]skipped[/] {escape(path)}: {escape(reason)}")
 
 
 @app.command()
